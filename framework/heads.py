@@ -1,0 +1,51 @@
+"""Head selection shared by detectors and interventions: threshold / top-k selection of scored
+heads, and random heads matched per layer for head-level controls."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+
+from framework.attention import Head
+from framework.interfaces import ConfigError, ModelInfo
+
+
+def check_selection(threshold: float | None, top_k: int | None, info: ModelInfo) -> None:
+    """Reject selections that cannot work on this model, before any model work."""
+    if threshold is None and top_k is None:
+        raise ConfigError("set a threshold or a top_k to select heads")
+    if top_k is not None and not 0 < top_k <= info.n_heads_total:
+        raise ConfigError(
+            f"top_k={top_k} is impossible: {info.name} has {info.n_heads_total} heads "
+            f"({info.n_layers} layers x {info.n_heads})"
+        )
+
+
+def select_heads(scores: np.ndarray, threshold: float | None = None, top_k: int | None = None) -> list[Head]:
+    """Heads scoring above ``threshold``, or the ``top_k`` best (both given: top-k of those above).
+
+    Ties are broken by (layer, head) order, so the selection is deterministic.
+    """
+    flat = scores.ravel()
+    order = np.lexsort((np.arange(flat.size), -flat))  # descending score, then index
+    if threshold is not None:
+        order = order[flat[order] > threshold]
+    if top_k is not None:
+        order = order[:top_k]
+    return sorted((int(i // scores.shape[1]), int(i % scores.shape[1])) for i in order)
+
+
+def random_heads_matched_per_layer(heads: list[Head], n_heads: int, rng: np.random.Generator) -> list[Head]:
+    """As many random heads in each layer as ``heads`` has there, drawn from that layer's other heads."""
+    chosen = []
+    selected = set(heads)
+    for layer, count in sorted(Counter(layer for layer, _ in heads).items()):
+        others = [h for h in range(n_heads) if (layer, h) not in selected]
+        if count > len(others):
+            raise ConfigError(
+                f"no matched random control: layer {layer} has {count} selected heads but only "
+                f"{len(others)} others; select fewer heads"
+            )
+        chosen += [(layer, int(h)) for h in rng.choice(others, size=count, replace=False)]
+    return sorted(chosen)

@@ -1,0 +1,149 @@
+"""Typed interfaces of the four plugin kinds and the data they exchange.
+
+A third-party plugin subclasses one of :class:`Detector`, :class:`Intervention`, :class:`Task`
+or :class:`StatTest`, takes its Hydra config keys as constructor keyword arguments, and is
+registered through the hooks in :mod:`framework.hookspecs`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+
+from framework.attention import AttentionEdit, Head
+
+Split = Literal["detect", "eval"]
+
+
+class ConfigError(ValueError):
+    """Impossible or inconsistent configuration, reported to the user before any model work."""
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """Architecture facts read from the model config alone (cheap: no weights needed)."""
+
+    name: str
+    family: str
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    rope_theta: float | None
+
+    @property
+    def n_heads_total(self) -> int:
+        return self.n_layers * self.n_heads
+
+
+@dataclass
+class LoadedModel:
+    """A causal LM ready for instrumented runs, with what plugins need to know about it."""
+
+    model: Any  # transformers PreTrainedModel
+    tokenizer: Any
+    info: ModelInfo
+    inv_freq: np.ndarray  # [head_dim // 2], the model's own (scaled) RoPE frequencies
+
+    @property
+    def device(self) -> Any:
+        return self.model.device
+
+
+@dataclass
+class Sample:
+    """One tokenised task sample; every condition of a run sees the same list of samples.
+
+    Token spans are half-open ``(start, end)`` indices into ``input_ids``.
+    """
+
+    id: str
+    input_ids: list[int]  # the full prompt, ready for greedy generation
+    answer: str  # the gold answer, scored against the generated text
+    answer_ids: list[int]  # gold answer tokens, appended for teacher-forced detection
+    context_span: tuple[int, int]  # the context (instruction + haystack), BOS excluded
+    query_start: int  # first token of the question; rows from here on read the context
+    needle_span: tuple[int, int]  # where the retrievable information sits
+    meta: dict[str, Any] = field(default_factory=dict)  # e.g. context length, depth, seed
+
+
+@dataclass
+class HeadScores:
+    """A detector's result: a score per head and the heads it selects."""
+
+    detector: str
+    scores: np.ndarray  # [n_layers, n_heads]
+    selected: list[Head]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunContext:
+    """What lifecycle hooks see of a run."""
+
+    config: dict[str, Any]
+    run_id: str
+    model: LoadedModel | None = None
+    head_scores: HeadScores | None = None
+    outcomes: dict[str, np.ndarray] = field(default_factory=dict)  # condition -> per sample
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class Detector(ABC):
+    """Scores every (layer, head) and selects retrieval heads."""
+
+    name: ClassVar[str]
+
+    def validate(self, info: ModelInfo) -> None:
+        """Raise :class:`ConfigError` for parameters impossible on this model (no weights yet)."""
+
+    @abstractmethod
+    def detect(self, model: LoadedModel, samples: list[Sample]) -> HeadScores:
+        """Score all heads on ``samples`` (drawn with a different seed than evaluation)."""
+
+
+class Intervention(ABC):
+    """Turns selected heads into an attention edit, and builds its matched random control."""
+
+    name: ClassVar[str]
+
+    def validate(self, info: ModelInfo) -> None:
+        """Raise :class:`ConfigError` for parameters impossible on this model (no weights yet)."""
+
+    @abstractmethod
+    def treatment(self, model: LoadedModel, heads: list[Head]) -> AttentionEdit:
+        """The edit under test, applied to ``heads``."""
+
+    @abstractmethod
+    def control(
+        self, model: LoadedModel, heads: list[Head], rng: np.random.Generator
+    ) -> AttentionEdit:
+        """The matched random control: same size as the treatment, chosen at random by ``rng``."""
+
+
+class Task(ABC):
+    """Builds seeded samples and scores generated answers."""
+
+    name: ClassVar[str]
+    max_new_tokens: int = 16
+
+    @abstractmethod
+    def build_samples(self, tokenizer: Any, split: Split, seed: int) -> list[Sample]:
+        """Deterministic samples for ``split``: the same seed gives the same samples."""
+
+    @abstractmethod
+    def score(self, sample: Sample, output: str) -> float:
+        """Score one generated answer, 1.0 for correct and 0.0 for wrong (or in between)."""
+
+
+class StatTest(ABC):
+    """Compares two conditions' per-sample outcomes on the same samples (a paired design)."""
+
+    name: ClassVar[str]
+
+    @abstractmethod
+    def compare(self, treatment: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+        """Return at least ``p_value`` and ``effect_size``; more keys are logged too."""

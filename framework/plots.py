@@ -1,0 +1,35 @@
+"""Figures logged with every run (seaborn on a non-interactive backend)."""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import seaborn as sns  # noqa: E402
+
+from framework.attention import Head  # noqa: E402
+
+
+def head_score_heatmap(scores: np.ndarray, selected: list[Head], title: str) -> plt.Figure:
+    """Layers x heads score heatmap; selected heads are outlined."""
+    n_layers, n_heads = scores.shape
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.45 * n_heads + 2), max(4.0, 0.28 * n_layers + 1.5)))
+    sns.heatmap(scores, ax=ax, cmap="viridis", cbar_kws={"label": "score"})
+    for layer, head in selected:
+        ax.add_patch(plt.Rectangle((head, layer), 1, 1, fill=False, edgecolor="red", lw=1.5))
+    ax.set(xlabel="head", ylabel="layer", title=f"{title} ({len(selected)} selected, outlined)")
+    fig.tight_layout()
+    return fig
+
+
+def recall_by_condition(table: pd.DataFrame, by: str) -> plt.Figure:
+    """Mean outcome per condition, split by a sample attribute (e.g. needle depth)."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    sns.barplot(data=table, x=by, y="correct", hue="condition", ax=ax, errorbar=("ci", 95))
+    ax.set(ylim=(0, 1.05), ylabel="recall", title=f"Recall by {by} and condition (95% CI)")
+    fig.tight_layout()
+    return fig
