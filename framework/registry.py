@@ -29,7 +29,7 @@ class PluginEntry:
     kind: str
     name: str
     cls: type
-    source: str  # the registering plugin, e.g. "plugins.detectors.attn_mass"
+    source: str  # the registering plugin and its distribution, e.g. "attn_mass (retrieval-heads 0.1.0)"
 
 
 class Registry:
@@ -38,10 +38,14 @@ class Registry:
     def __init__(self, manager: pluggy.PluginManager):
         self.manager = manager
         self.entries: dict[str, dict[str, PluginEntry]] = {kind: {} for kind in KINDS}
+        distributions = {id(plugin): dist for plugin, dist in manager.list_plugin_distinfo()}
         for kind, (hook_name, base) in KINDS.items():
             hook = getattr(manager.hook, hook_name)
             for impl in hook.get_hookimpls():
                 source = manager.get_name(impl.plugin) or repr(impl.plugin)
+                dist = distributions.get(id(impl.plugin))
+                if dist is not None:
+                    source += f" ({dist.project_name} {dist.version})"
                 impl.function(register=self._registrar(kind, base, source))
 
     def _registrar(self, kind: str, base: type, source: str):

@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny random-weight models and the embedded model, all offline."""
+
+from __future__ import annotations
+
+import os
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from hydra import compose, initialize_config_dir  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from framework.interfaces import LoadedModel  # noqa: E402
+from framework.models import load_model, prepare  # noqa: E402
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def tiny_llama(seed: int = 0, **overrides) -> LoadedModel:
+    """A random 3-layer Llama with GQA (4 query heads, 2 KV heads, head_dim 16)."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        pad_token_id=0, bos_token_id=1, eos_token_id=2, **overrides,
+    )
+    return prepare(LlamaForCausalLM(config).eval(), None, "tiny_llama")
+
+
+@pytest.fixture(scope="session")
+def compose_config():
+    """Compose the real Hydra config with overrides, as the command line would."""
+
+    def _compose(*overrides: str) -> dict:
+        with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+            return OmegaConf.to_container(compose("config", overrides=list(overrides)), resolve=True)
+
+    return _compose
+
+
+@pytest.fixture(scope="session")
+def embedded_model(compose_config) -> LoadedModel:
+    """The embedded SmolLM2 model (dequantised into the cache on first use)."""
+    return load_model(compose_config()["model"])

@@ -1,0 +1,59 @@
+"""Head selection and the per-layer matched random control."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from framework.heads import check_selection, random_heads_matched_per_layer, select_heads
+from framework.interfaces import ConfigError, ModelInfo
+
+INFO = ModelInfo("m", "llama", n_layers=4, n_heads=6, n_kv_heads=2, head_dim=16, rope_theta=1e4)
+
+
+def test_threshold_and_top_k_selection_match_a_sort():
+    scores = np.random.default_rng(0).random((4, 6))
+    above = select_heads(scores, threshold=0.5)
+    assert above == sorted((int(l), int(h)) for l, h in zip(*np.nonzero(scores > 0.5)))
+    top = select_heads(scores, top_k=5)
+    fifth_best = np.sort(scores.ravel())[-5]
+    assert top == sorted((int(l), int(h)) for l, h in zip(*np.nonzero(scores >= fifth_best)))
+    both = select_heads(scores, threshold=0.9, top_k=50)
+    assert both == sorted((int(l), int(h)) for l, h in zip(*np.nonzero(scores > 0.9)))
+
+
+def test_ties_are_broken_deterministically():
+    scores = np.ones((2, 3))
+    assert select_heads(scores, top_k=2) == [(0, 0), (0, 1)]
+
+
+def test_impossible_selections_are_refused():
+    with pytest.raises(ConfigError, match="top_k=25 is impossible.*24 heads"):
+        check_selection(None, 25, INFO)
+    with pytest.raises(ConfigError, match="threshold or a top_k"):
+        check_selection(None, None, INFO)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_random_heads_are_matched_per_layer_and_disjoint(seed):
+    heads = [(0, 1), (0, 4), (2, 0), (3, 5), (3, 2), (3, 3)]
+    control = random_heads_matched_per_layer(heads, 6, np.random.default_rng(seed))
+    assert Counter(l for l, _ in control) == Counter(l for l, _ in heads)
+    assert not set(control) & set(heads)
+    assert len(set(control)) == len(control)
+
+
+def test_random_control_differs_between_seeds_and_repeats_within_one():
+    heads = [(layer, 0) for layer in range(4)]
+    draws = {tuple(random_heads_matched_per_layer(heads, 6, np.random.default_rng(s))) for s in range(10)}
+    assert len(draws) > 1
+    again = random_heads_matched_per_layer(heads, 6, np.random.default_rng(3))
+    assert again == random_heads_matched_per_layer(heads, 6, np.random.default_rng(3))
+
+
+def test_matched_control_impossible_when_a_layer_is_mostly_selected():
+    heads = [(0, h) for h in range(4)]
+    with pytest.raises(ConfigError, match="layer 0 has 4 selected heads but only 2 others"):
+        random_heads_matched_per_layer(heads, 6, np.random.default_rng(0))

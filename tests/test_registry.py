@@ -1,0 +1,59 @@
+"""The plugin manager loads built-ins through the real entry-point group and finds them by name."""
+
+from __future__ import annotations
+
+from importlib.metadata import entry_points
+
+import pluggy
+import pytest
+
+from framework import hookimpl, hookspecs
+from framework.interfaces import ConfigError, Detector
+from framework.registry import Registry, UnknownPluginError, get_registry
+
+
+def test_builtins_come_from_the_entry_point_group():
+    group = {ep.name: ep.value for ep in entry_points(group=hookspecs.PROJECT)}
+    registry = get_registry()
+    for kind in registry.entries.values():
+        for entry in kind.values():
+            plugin_name, distribution = entry.source.split(" ", 1)
+            assert entry.cls.__module__ == group[plugin_name]
+            assert distribution.startswith("(retrieval-heads ")
+    assert registry.names("detector") == ["attn_mass"]
+    assert {"head_mask", "zero_lowfreq"} <= set(registry.names("intervention"))
+    assert {"niah", "passkey"} <= set(registry.names("task"))
+    assert {"mcnemar", "permutation"} <= set(registry.names("stats"))
+
+
+def test_unknown_name_lists_the_available_plugins():
+    with pytest.raises(UnknownPluginError, match="unknown detector 'nope'; available detector plugins: attn_mass"):
+        get_registry().get("detector", "nope")
+
+
+def test_create_passes_config_keys_and_rejects_unknown_ones():
+    registry = get_registry()
+    detector = registry.create("detector", {"name": "attn_mass", "threshold": None, "top_k": 3})
+    assert detector.top_k == 3 and detector.name == "attn_mass"
+    with pytest.raises(ConfigError, match="attn_mass.*rejects its parameters.*'topk'"):
+        registry.create("detector", {"name": "attn_mass", "topk": 3})
+
+
+class _Impostor:
+    class AttnMass(Detector):
+        def detect(self, model, samples):
+            raise NotImplementedError
+
+    @staticmethod
+    @hookimpl
+    def register_detectors(register):
+        register("attn_mass", _Impostor.AttnMass)
+
+
+def test_a_taken_name_is_refused_naming_both_sources():
+    manager = pluggy.PluginManager(hookspecs.PROJECT)
+    manager.add_hookspecs(hookspecs)
+    manager.load_setuptools_entrypoints(hookspecs.PROJECT)
+    manager.register(_Impostor, name="impostor-plugin")
+    with pytest.raises(ConfigError, match="from (impostor-plugin|attn_mass) is refused.*taken by (attn_mass|impostor-plugin)"):
+        Registry(manager)
