@@ -2,14 +2,21 @@
 
 The model runs with a registered transformers attention function (``ATTN_IMPLEMENTATION``)
 that sees every layer's query, key and value after RoPE (and after QK-norm where a family has
-it). Outside an :func:`instrumented` block it is plain SDPA. Inside one it can
+it), key and value at KV-head count. Outside an :func:`instrumented` block it is plain SDPA.
+Inside one it can
 
 * scale query dimensions per head before the scores are computed (zeroing RoPE pairs or raw
-  dimensions; a real-valued scale is allowed),
-* zero a head's output before ``o_proj``, so the head contributes nothing to the layer,
+  dimensions; real-valued and differentiable scales are allowed),
+* mask heads: zero a head's output, replace it by the head's mean output, or make its
+  attention uniform over the keys it may attend to (Wu et al.), in prefill, decode or both,
 * capture softmax rows for chosen query positions only: memory O(rows x length) per layer,
-  while the layer's output is still computed by SDPA.
+  while the layer's output is still computed by SDPA,
+* hand every layer's per-head outputs to a callback (what ``o_proj`` reads), e.g. to average
+  them for mean-ablation (:func:`mean_head_outputs`).
 
+No edit builds a heads x length^2 matrix: uniform attention is a zeroed query (every allowed
+key then scores 0, so softmax is exactly uniform over the causal / sliding-window mask), and
+only logit soft-capping (Gemma-2), which SDPA lacks, takes a manual path chunked over query rows.
 Detectors and interventions go through this module; none of them patches model internals.
 """
 
@@ -17,7 +24,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Literal, Sequence, get_args
 
 import numpy as np
 import torch
@@ -26,40 +33,90 @@ from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_f
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 Head = tuple[int, int]  # (layer, head)
+MaskMode = Literal["zero", "mean", "uniform"]
+Phase = Literal["prefill", "decode", "both"]
+MASK_MODES: tuple[str, ...] = get_args(MaskMode)
+PHASES: tuple[str, ...] = get_args(Phase)
+Vector = np.ndarray | torch.Tensor  # one value per head dimension
 ATTN_IMPLEMENTATION = "retrieval_heads"
 _ROW_CHUNK = 256
 
 
 @dataclass
 class AttentionEdit:
-    """A set of per-head edits applied together.
+    """A set of per-head edits applied together, in the forward passes that ``phase`` selects.
 
-    ``query_scale[(layer, head)]`` multiplies that head's query, dimension by dimension (length
-    ``head_dim``; 0 removes a dimension from q.k). ``zeroed_heads`` contribute nothing to their
-    layer's output.
+    * ``head_masks[(layer, head)]`` is a :data:`MaskMode`: ``"zero"`` (the head contributes
+      nothing to its layer), ``"mean"`` (its output is replaced by ``mean_outputs[head]``, a
+      ``head_dim`` vector, see :func:`mean_head_outputs`) or ``"uniform"`` (its attention is
+      uniform over the keys the causal / sliding-window mask allows: Wu et al.'s masking, done
+      by zeroing the query so that every allowed score is 0).
+    * ``query_scale[(layer, head)]`` multiplies that head's query (after RoPE and QK-norm)
+      dimension by dimension: length ``head_dim``; 0 removes a dimension from q.k; a boolean
+      vector keeps the True dimensions; a torch tensor with ``requires_grad`` receives gradients
+      through instrumented forward passes. :mod:`framework.rope` maps RoPE frequency pairs or
+      raw dimension indices to such vectors.
+    * ``phase``: ``"prefill"`` edits passes with more than one query position, ``"decode"`` the
+      one-token steps of generation, ``"both"`` every pass.
     """
 
-    zeroed_heads: set[Head] = field(default_factory=set)
-    query_scale: dict[Head, np.ndarray] = field(default_factory=dict)
+    head_masks: dict[Head, MaskMode] = field(default_factory=dict)
+    mean_outputs: dict[Head, Vector] = field(default_factory=dict)
+    query_scale: dict[Head, Vector] = field(default_factory=dict)
+    phase: Phase = "both"
+
+    def __post_init__(self) -> None:
+        if self.phase not in PHASES:
+            raise ValueError(f"phase={self.phase!r} is unknown; choose one of {PHASES}")
+        for head, mode in self.head_masks.items():
+            if mode not in MASK_MODES:
+                raise ValueError(f"head {head}: mask mode {mode!r} is unknown; choose one of {MASK_MODES}")
+            if mode == "mean" and head not in self.mean_outputs:
+                raise ValueError(f"head {head} is mean-ablated but has no mean output (see mean_head_outputs)")
 
     @classmethod
-    def zero_query_dims(cls, dims_by_head: dict[Head, np.ndarray], head_dim: int) -> AttentionEdit:
-        """Remove the given query dimensions of each head from q.k."""
+    def mask_heads(
+        cls,
+        heads: Iterable[Head],
+        mode: MaskMode = "zero",
+        phase: Phase = "both",
+        mean_outputs: dict[Head, Vector] | None = None,
+    ) -> AttentionEdit:
+        """Mask every head in ``heads`` the same way (``mean_outputs`` only for ``mode="mean"``)."""
+        heads = list(heads)
+        means = {h: mean_outputs[h] for h in heads} if mode == "mean" and mean_outputs else {}
+        return cls(head_masks={h: mode for h in heads}, mean_outputs=means, phase=phase)
+
+    @classmethod
+    def zero_query_dims(cls, dims_by_head: dict[Head, Sequence[int]], head_dim: int, phase: Phase = "both") -> AttentionEdit:
+        """Remove the given raw query dimensions of each head from q.k (see :mod:`framework.rope`
+        for the dimensions of RoPE frequency pairs)."""
         scales = {}
         for head, dims in dims_by_head.items():
             scales[head] = np.ones(head_dim, dtype=np.float32)
             scales[head][np.asarray(dims, dtype=int)] = 0.0
-        return cls(query_scale=scales)
+        return cls(query_scale=scales, phase=phase)
+
+    def applies_to(self, query_length: int) -> bool:
+        """Whether a forward pass with this many query positions is edited (see ``phase``)."""
+        return self.phase == "both" or (self.phase == "decode") == (query_length == 1)
 
     def describe(self) -> dict[str, Any]:
-        """JSON-ready description: zeroed heads, and per head the query dims scaled below 1."""
+        """JSON-ready description: phase, mask mode per head, per head the query dims scaled."""
         return {
-            "zeroed_heads": sorted([list(h) for h in self.zeroed_heads]),
+            "phase": self.phase,
+            "head_masks": {f"{layer}.{head}": mode for (layer, head), mode in sorted(self.head_masks.items())},
             "query_dims": {
-                f"{layer}.{head}": np.flatnonzero(scale < 1).tolist()
+                f"{layer}.{head}": np.flatnonzero(_numpy(scale) != 1).tolist()
                 for (layer, head), scale in sorted(self.query_scale.items())
             },
         }
+
+
+def _numpy(vector: Vector) -> np.ndarray:
+    if isinstance(vector, torch.Tensor):
+        return vector.detach().float().cpu().numpy()
+    return np.asarray(vector, dtype=np.float32)
 
 
 @dataclass
@@ -67,40 +124,71 @@ class RowCapture:
     """Capture softmax attention rows of chosen query positions during a prefill forward.
 
     ``rows`` indexes the query positions of the forward pass. ``sink(layer, probs)`` receives
-    probabilities of shape [batch, heads, len(rows), key_length] for every layer, in order; it
-    should reduce them right away, so that nothing of size heads x length^2 is ever held.
+    probabilities of shape [batch, heads, len(rows), key_length] for every layer, in order, after
+    the active edit (a uniform head's rows are uniform); it should reduce them right away, so
+    that nothing of size heads x length^2 is ever held. Gradients flow through ``probs``.
     """
 
     rows: torch.Tensor
     sink: Callable[[int, torch.Tensor], None]
 
 
-class _Plan:
-    """An edit compiled to per-layer tensors on the model's device, built lazily per layer."""
+OutputSink = Callable[[int, torch.Tensor], None]  # (layer, output [batch, q_len, heads, head_dim])
 
-    def __init__(self, edit: AttentionEdit | None, capture: RowCapture | None):
+
+@dataclass
+class _LayerEdit:
+    """One layer's part of an edit, as tensors on the model's device and dtype."""
+
+    query_scale: torch.Tensor | None = None  # [1, heads, 1, head_dim]
+    replaced: torch.Tensor | None = None  # bool [heads, 1]: output replaced by ``fill``
+    fill: torch.Tensor | None = None  # [heads, head_dim]: zeros or mean outputs
+
+
+class _Plan:
+    """An edit compiled per layer, lazily, on first use. Layers whose tensors need gradients are
+    rebuilt on every call, so that each forward pass gets its own autograd graph."""
+
+    def __init__(self, edit: AttentionEdit | None, capture: RowCapture | None, head_outputs: OutputSink | None):
         self.edit = edit or AttentionEdit()
         self.capture = capture
-        self._layers: dict[int, tuple[torch.Tensor | None, torch.Tensor | None]] = {}
+        self.head_outputs = head_outputs
+        self._layers: dict[int, _LayerEdit] = {}
 
-    def layer(self, layer: int, query: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        if layer not in self._layers:
-            n_heads, head_dim = query.shape[1], query.shape[3]
-            scale = None
-            heads = {h: s for (l, h), s in self.edit.query_scale.items() if l == layer}
-            if heads:
-                scale = torch.ones(n_heads, head_dim, dtype=query.dtype, device=query.device)
-                for h, s in heads.items():
-                    scale[h] = torch.as_tensor(s, dtype=query.dtype, device=query.device)
-                scale = scale[None, :, None, :]
-            keep = None
-            zeroed = [h for (l, h) in self.edit.zeroed_heads if l == layer]
-            if zeroed:
-                keep = torch.ones(n_heads, dtype=query.dtype, device=query.device)
-                keep[zeroed] = 0
-                keep = keep[None, None, :, None]
-            self._layers[layer] = (scale, keep)
-        return self._layers[layer]
+    def layer(self, layer: int, query: torch.Tensor) -> _LayerEdit:
+        if layer in self._layers:
+            return self._layers[layer]
+        compiled = self._compile(layer, query)
+        if not any(t is not None and t.requires_grad for t in (compiled.query_scale, compiled.fill)):
+            self._layers[layer] = compiled
+        return compiled
+
+    def _compile(self, layer: int, like: torch.Tensor) -> _LayerEdit:
+        n_heads, head_dim = like.shape[1], like.shape[3]
+
+        def vector(value: Vector | float) -> torch.Tensor:
+            if not isinstance(value, torch.Tensor):
+                value = torch.as_tensor(np.asarray(value), device=like.device)
+            if value.dim() and value.shape != (head_dim,):
+                raise ValueError(f"layer {layer}: per-head vectors need shape ({head_dim},), got {tuple(value.shape)}")
+            return value.to(device=like.device, dtype=like.dtype).expand(head_dim)
+
+        masks = {h: m for (l, h), m in self.edit.head_masks.items() if l == layer}
+        scales = {h: s for (l, h), s in self.edit.query_scale.items() if l == layer}
+        result = _LayerEdit()
+        if scales or "uniform" in masks.values():
+            result.query_scale = torch.stack([
+                vector(0.0) if masks.get(h) == "uniform" else vector(scales.get(h, 1.0)) for h in range(n_heads)
+            ])[None, :, None, :]
+        replaced = [h for h, m in masks.items() if m in ("zero", "mean")]
+        if replaced:
+            result.replaced = torch.zeros(n_heads, 1, dtype=torch.bool, device=like.device)
+            result.replaced[replaced] = True
+            result.fill = torch.stack([
+                vector(self.edit.mean_outputs[(layer, h)]) if masks.get(h) == "mean" else vector(0.0)
+                for h in range(n_heads)
+            ])
+        return result
 
 
 _active: _Plan | None = None
@@ -114,7 +202,8 @@ def attention_probs(
     rows: torch.Tensor,
     softcap: float | None = None,
 ) -> torch.Tensor:
-    """Softmax attention rows [batch, heads, len(rows), keys] for the given query positions.
+    """Softmax attention rows [batch, heads, len(rows), keys] for the given query positions,
+    in float32 at least (bfloat16 models too).
 
     Follows SDPA's conventions: a boolean mask means True = attend, a float mask is added to
     the scores; with no mask a prefill is causal (upper-left aligned, keys cropped to the
@@ -126,7 +215,8 @@ def attention_probs(
         key = key[:, :, :q_len]
         k_len = q_len
     key = repeat_kv(key, n_groups)
-    scores = torch.matmul(query[:, :, rows].float(), key.float().transpose(-1, -2)) * scaling
+    dtype = torch.promote_types(query.dtype, torch.float32)  # at least float32, float64 kept
+    scores = torch.matmul(query[:, :, rows].to(dtype), key.to(dtype).transpose(-1, -2)) * scaling
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     if attention_mask is not None:
@@ -134,7 +224,7 @@ def attention_probs(
         if mask.dtype == torch.bool:
             scores = scores.masked_fill(~mask, float("-inf"))
         else:
-            scores = scores + mask.float()
+            scores = scores + mask.to(dtype)
     elif q_len > 1:
         causal = torch.arange(k_len, device=query.device)[None, :] > rows[:, None]
         scores = scores.masked_fill(causal, float("-inf"))
@@ -173,25 +263,25 @@ def instrumented_attention(
     dropout: float = 0.0,
     **kwargs: Any,
 ) -> tuple[torch.Tensor, None]:
-    """The registered attention function: SDPA plus the active plan's edits and capture."""
+    """The registered attention function: SDPA plus the active plan's edits and captures."""
     scaling = module.head_dim**-0.5 if scaling is None else scaling
     softcap = kwargs.pop("softcap", None)
     plan = _active
-    if plan is not None:
-        query_scale, head_keep = plan.layer(module.layer_idx, query)
-        if query_scale is not None:
-            query = query * query_scale
-        if plan.capture is not None and query.shape[2] > 1:
-            probs = attention_probs(query, key, attention_mask, scaling, plan.capture.rows, softcap)
-            plan.capture.sink(module.layer_idx, probs)
+    edit = plan.layer(module.layer_idx, query) if plan and plan.edit.applies_to(query.shape[2]) else _LayerEdit()
+    if edit.query_scale is not None:
+        query = query * edit.query_scale
+    if plan is not None and plan.capture is not None and query.shape[2] > 1:
+        plan.capture.sink(module.layer_idx, attention_probs(query, key, attention_mask, scaling, plan.capture.rows, softcap))
     if softcap is not None:
         output = _manual_attention(query, key, value, attention_mask, scaling, softcap)
     else:
         output, _ = sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    if plan is not None and head_keep is not None:
-        output = output * head_keep
+    if edit.replaced is not None:
+        output = torch.where(edit.replaced, edit.fill, output)
+    if plan is not None and plan.head_outputs is not None:
+        plan.head_outputs(module.layer_idx, output)
     return output, None
 
 
@@ -205,13 +295,46 @@ def install(model: torch.nn.Module) -> None:
 
 @contextmanager
 def instrumented(
-    model: torch.nn.Module, edit: AttentionEdit | None = None, capture: RowCapture | None = None
+    model: torch.nn.Module,
+    edit: AttentionEdit | None = None,
+    capture: RowCapture | None = None,
+    head_outputs: OutputSink | None = None,
 ) -> Iterator[None]:
-    """Apply ``edit`` and ``capture`` to every forward pass of ``model`` inside the block."""
+    """Apply ``edit`` and ``capture`` to every forward pass of ``model`` inside the block.
+
+    ``head_outputs(layer, output)``, if given, receives each layer's attention output
+    [batch, q_len, heads, head_dim] after the edit, i.e. what ``o_proj`` reads.
+    """
     global _active
     install(model)
-    previous, _active = _active, _Plan(edit, capture)
+    previous, _active = _active, _Plan(edit, capture, head_outputs)
     try:
         yield
     finally:
         _active = previous
+
+
+def mean_head_outputs(
+    model: torch.nn.Module, sequences: Iterable[Sequence[int]], heads: Iterable[Head] | None = None
+) -> dict[Head, np.ndarray]:
+    """Each head's output averaged over every position of ``sequences`` (unedited model), for
+    ``"mean"`` head masks. Sequences run one at a time, so they need no padding; all heads if
+    ``heads`` is None."""
+    sums: dict[int, torch.Tensor] = {}
+    count = 0
+
+    def sink(layer: int, output: torch.Tensor) -> None:
+        total = output.detach().double().sum(dim=(0, 1))
+        sums[layer] = sums[layer] + total if layer in sums else total
+
+    device = next(model.parameters()).device
+    with torch.inference_mode(), instrumented(model, head_outputs=sink):
+        for ids in sequences:
+            model(input_ids=torch.tensor([list(ids)], device=device), logits_to_keep=1)
+            count += len(ids)
+    if count == 0:
+        raise ValueError("mean_head_outputs needs at least one non-empty sequence")
+    means = {layer: (total / count).float().cpu().numpy() for layer, total in sums.items()}
+    if heads is None:
+        heads = [(layer, h) for layer in sorted(means) for h in range(means[layer].shape[0])]
+    return {(layer, h): means[layer][h] for layer, h in heads}

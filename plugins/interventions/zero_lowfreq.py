@@ -1,5 +1,6 @@
 """Zero the lowest-frequency RoPE dimensions of the query in the selected heads (seed 000,
-claim 4). The ``n_dims / 2`` pairs with the smallest inv_freq are removed, both halves of each
+claim 4). The ``n_dims / 2`` pairs with the smallest inv_freq of the head's own layer are removed
+(layers can differ: Gemma-3's sliding-window layers have their own RoPE base), both halves of each
 pair (rotate_half layout). Control: the same number of dims, as random RoPE pairs drawn per head,
 in the same heads."""
 
@@ -10,7 +11,7 @@ import numpy as np
 from framework import hookimpl
 from framework.attention import AttentionEdit, Head
 from framework.interfaces import Intervention, LoadedModel, ModelInfo
-from framework.rope import check_dim_count, lowest_frequency_dims, random_pair_dims
+from framework.rope import check_dim_count, layer_inv_freq, lowest_frequency_dims, random_pair_dims
 
 
 class ZeroLowFreq(Intervention):
@@ -24,8 +25,9 @@ class ZeroLowFreq(Intervention):
         check_dim_count(self.dims_for(info), info.head_dim)
 
     def treatment(self, model: LoadedModel, heads: list[Head]) -> AttentionEdit:
-        dims = lowest_frequency_dims(model.inv_freq, self.dims_for(model.info))
-        return AttentionEdit.zero_query_dims({head: dims for head in heads}, model.info.head_dim)
+        inv_freq, n_dims = layer_inv_freq(model.model), self.dims_for(model.info)
+        dims = {head: lowest_frequency_dims(inv_freq[head[0]], n_dims) for head in heads}
+        return AttentionEdit.zero_query_dims(dims, model.info.head_dim)
 
     def control(self, model: LoadedModel, heads: list[Head], rng: np.random.Generator) -> AttentionEdit:
         n_dims, head_dim = self.dims_for(model.info), model.info.head_dim
