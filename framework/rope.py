@@ -110,7 +110,8 @@ def random_pair_dims(head_dim: int, n_dims: int, rng: np.random.Generator) -> np
 # --- raw-index reading -------------------------------------------------------------------------
 
 
-def _check_raw_count(n_dims: int, head_dim: int) -> None:
+def check_raw_count(n_dims: int, head_dim: int) -> None:
+    """Raw-index readings take any count of single dimensions that fits the head."""
     if not 0 < n_dims <= head_dim:
         raise ConfigError(f"n_dims={n_dims} is impossible: it must lie between 1 and the head dimension {head_dim}")
 
@@ -118,12 +119,18 @@ def _check_raw_count(n_dims: int, head_dim: int) -> None:
 def first_raw_dims(n_dims: int, head_dim: int) -> np.ndarray:
     """Raw query dimensions 0 .. n_dims - 1 (under rotate_half: first halves of the
     highest-frequency pairs, as long as n_dims <= head_dim / 2)."""
-    _check_raw_count(n_dims, head_dim)
+    check_raw_count(n_dims, head_dim)
     return np.arange(n_dims)
 
 
 def last_raw_dims(n_dims: int, head_dim: int) -> np.ndarray:
     """Raw query dimensions head_dim - n_dims .. head_dim - 1 (under rotate_half: second halves
     of the lowest-frequency pairs, as long as n_dims <= head_dim / 2)."""
-    _check_raw_count(n_dims, head_dim)
+    check_raw_count(n_dims, head_dim)
     return np.arange(head_dim - n_dims, head_dim)
+
+
+def random_raw_dims(head_dim: int, n_dims: int, rng: np.random.Generator) -> np.ndarray:
+    """``n_dims`` query dimensions drawn at random, one by one (no pair structure)."""
+    check_raw_count(n_dims, head_dim)
+    return np.sort(rng.choice(head_dim, size=n_dims, replace=False))
