@@ -146,4 +146,5 @@ class StatTest(ABC):
 
     @abstractmethod
     def compare(self, treatment: np.ndarray, reference: np.ndarray) -> dict[str, float]:
-        """Return at least ``p_value`` and ``effect_size``; more keys are logged too."""
+        """Named results, each logged as a metric; ``p_value`` (adjusted across the run's
+        comparisons) and ``effect_size`` where the test has them."""

@@ -8,6 +8,7 @@ from scipy.stats import permutation_test
 
 from framework import hookimpl
 from framework.interfaces import StatTest
+from framework.statistics import cohens_dz
 
 
 def _mean_difference(treatment: np.ndarray, reference: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -31,14 +32,14 @@ class PairedPermutation(StatTest):
             n_resamples=self.n_resamples,
             random_state=self.seed,
         )
-        spread = differences.std(ddof=1) if len(differences) > 1 else 0.0
         out = {
             "p_value": float(min(1.0, result.pvalue)),
             "effect_size": float(differences.mean()),
             "statistic": float(result.statistic),
         }
-        if spread > 0:
-            out["cohens_dz"] = float(differences.mean() / spread)
+        dz = cohens_dz(differences)
+        if np.isfinite(dz):
+            out["cohens_dz"] = dz
         return out
 
 
