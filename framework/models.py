@@ -47,12 +47,19 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 
 
 def _gguf_location(spec: Mapping[str, Any]) -> tuple[Path, str]:
+    """Folder and file name of a model's GGUF. A package either ships the file itself or, split
+    into parts, offers ``assemble(path)`` that joins and verifies them (``gguf_assemble: true``)."""
     package = spec["gguf_package"]
     found = importlib.util.find_spec(package)  # locate without importing the package
     if found is None or found.origin is None:
         raise ConfigError(
             f"model {spec['name']!r} needs the package {package!r}; run the README's set-up command"
+            + (f" with {spec['setup_extra']}" if spec.get("setup_extra") else "")
         )
+    if spec.get("gguf_assemble"):
+        target = cache_root() / "gguf" / spec["gguf_file"]
+        importlib.import_module(package).assemble(target)
+        return target.parent, target.name
     folder = Path(found.origin).parent
     if not (folder / spec["gguf_file"]).exists():
         raise ConfigError(f"{folder / spec['gguf_file']} is missing from package {package!r}")
