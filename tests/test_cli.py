@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -63,10 +64,18 @@ def test_impossible_parameters_fail_before_any_model_work(tmp_path, overrides, m
     assert not (tmp_path / "mlruns").exists()  # nothing was started
 
 
-@pytest.mark.e2e
-def test_default_command_logs_a_complete_run(tmp_path, embedded_model):
-    result = run_cli(tmp_path, "+detector=attn_mass", "+intervention=zero_lowfreq", *SMALL_GRID)
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory, embedded_model):
+    """The README's main command on a small grid, run once for the tests below."""
+    folder = tmp_path_factory.mktemp("default_run")
+    result = run_cli(folder, "+detector=attn_mass", "+intervention=zero_lowfreq", *SMALL_GRID)
     assert result.returncode == 0, result.stderr[-3000:]
+    return folder, result
+
+
+@pytest.mark.e2e
+def test_default_command_logs_a_complete_run(default_run):
+    tmp_path, result = default_run
     client, run = only_run(tmp_path)
     assert run.info.status == "FINISHED"
     tags, metrics = run.data.tags, run.data.metrics
@@ -119,3 +128,23 @@ def test_a_failing_run_is_marked_failed_and_keeps_what_it_logged(tmp_path, embed
     assert "recall/baseline" in run.data.metrics  # finished work is kept
     kept = {f.path for f in client.list_artifacts(run.info.run_id, "detector/attn_mass")}
     assert "detector/attn_mass/scores.json" in kept
+
+
+@pytest.mark.e2e
+def test_compare_reads_runs_back_and_logs_a_comparison_run(default_run):
+    folder, _ = default_run
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    result = subprocess.run([sys.executable, "-m", "framework.compare", "--out", "compared"], cwd=folder, env=env,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    client, run = only_run(folder)
+    table = pd.read_csv(folder / "compared" / "comparison.csv")
+    assert len(table) == 1 and table.loc[0, "run_id"] == run.info.run_id
+    row = table.loc[0]
+    assert row["family"] == "llama" and row["rope_theta"] == 100000.0
+    assert row["heads_selected"] == run.data.metrics["heads/selected"]
+    assert row["recall_drop"] == pytest.approx(run.data.metrics["recall/baseline"] - run.data.metrics["recall/treatment"])
+    assert row["drop_ci_low"] <= row["recall_drop"] <= row["drop_ci_high"]
+    assert (folder / "compared" / "theta_vs_heads.png").stat().st_size > 0
+    comparison_runs = client.search_runs([client.get_experiment_by_name("comparisons").experiment_id])
+    assert [r.data.metrics["runs_compared"] for r in comparison_runs] == [1.0]
