@@ -10,7 +10,11 @@ Inside one it can
 * mask heads: zero a head's output, replace it by the head's mean output, or make its
   attention uniform over the keys it may attend to (Wu et al.), in prefill, decode or both,
 * capture softmax rows for chosen query positions only: memory O(rows x length) per layer,
-  while the layer's output is still computed by SDPA,
+  while the layer's output is still computed by SDPA; in prefill passes, decode steps (the one
+  query row of each generated token, e.g. for Wu et al.'s top-1 copy test) or both,
+* hand every layer's attention inputs (post-RoPE query, key, value, mask, scaling) to a
+  callback, so that per-head problems such as Chiang & Yogatama's utility mask can be solved
+  on captured tensors without running the model again (:class:`AttentionInputs`),
 * hand every layer's per-head outputs to a callback (what ``o_proj`` reads), e.g. to average
   them for mean-ablation (:func:`mean_head_outputs`).
 
@@ -99,7 +103,7 @@ class AttentionEdit:
 
     def applies_to(self, query_length: int) -> bool:
         """Whether a forward pass with this many query positions is edited (see ``phase``)."""
-        return self.phase == "both" or (self.phase == "decode") == (query_length == 1)
+        return _phase_applies(self.phase, query_length)
 
     def describe(self) -> dict[str, Any]:
         """JSON-ready description: phase, mask mode per head, per head the query dims scaled."""
@@ -113,6 +117,11 @@ class AttentionEdit:
         }
 
 
+def _phase_applies(phase: Phase, query_length: int) -> bool:
+    """Whether ``phase`` covers a forward pass with this many query positions (one = decode)."""
+    return phase == "both" or (phase == "decode") == (query_length == 1)
+
+
 def _numpy(vector: Vector) -> np.ndarray:
     if isinstance(vector, torch.Tensor):
         return vector.detach().float().cpu().numpy()
@@ -121,19 +130,53 @@ def _numpy(vector: Vector) -> np.ndarray:
 
 @dataclass
 class RowCapture:
-    """Capture softmax attention rows of chosen query positions during a prefill forward.
+    """Capture softmax attention rows of chosen query positions during a prefill forward, or
+    the single query row of every decode step.
 
-    ``rows`` indexes the query positions of the forward pass. ``sink(layer, probs)`` receives
+    ``rows`` indexes the query positions of a prefill pass. ``sink(layer, probs)`` receives
     probabilities of shape [batch, heads, len(rows), key_length] for every layer, in order, after
     the active edit (a uniform head's rows are uniform); it should reduce them right away, so
     that nothing of size heads x length^2 is ever held. Gradients flow through ``probs``.
+
+    ``phase`` picks the passes captured, as for :class:`AttentionEdit`: ``"prefill"`` (the
+    default) passes with several query positions; ``"decode"`` the one-token steps of cached
+    generation, whose one row is captured whatever ``rows`` says (probs [batch, heads, 1, keys]:
+    O(heads x length) per step, cached keys included); ``"both"``.
     """
 
     rows: torch.Tensor
     sink: Callable[[int, torch.Tensor], None]
+    phase: Phase = "prefill"
+
+    def __post_init__(self) -> None:
+        if self.phase not in PHASES:
+            raise ValueError(f"phase={self.phase!r} is unknown; choose one of {PHASES}")
+
+    def rows_for(self, query: torch.Tensor) -> torch.Tensor | None:
+        """The query rows to capture in this pass, None when ``phase`` skips it."""
+        if not _phase_applies(self.phase, query.shape[2]):
+            return None
+        return self.rows if query.shape[2] > 1 else torch.zeros(1, dtype=torch.long, device=query.device)
+
+
+@dataclass
+class AttentionInputs:
+    """What a layer's attention computes with, as :func:`instrumented_attention` receives it:
+    query [batch, heads, q_len, head_dim] after RoPE, QK-norm and the active edit's query scale;
+    key and value [batch, kv_heads, k_len, head_dim] (GQA: not repeated); the mask in SDPA's
+    convention (None = causal, see :func:`attention_probs`); the softmax scaling and the logit
+    soft-cap (Gemma-2) or None. :func:`attention_rows` recomputes the head outputs from them."""
+
+    query: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    attention_mask: torch.Tensor | None
+    scaling: float
+    softcap: float | None = None
 
 
 OutputSink = Callable[[int, torch.Tensor], None]  # (layer, output [batch, q_len, heads, head_dim])
+InputSink = Callable[[int, AttentionInputs], None]  # (layer, what its attention computes with)
 
 
 @dataclass
@@ -149,10 +192,17 @@ class _Plan:
     """An edit compiled per layer, lazily, on first use. Layers whose tensors need gradients are
     rebuilt on every call, so that each forward pass gets its own autograd graph."""
 
-    def __init__(self, edit: AttentionEdit | None, capture: RowCapture | None, head_outputs: OutputSink | None):
+    def __init__(
+        self,
+        edit: AttentionEdit | None,
+        capture: RowCapture | None,
+        head_outputs: OutputSink | None,
+        inputs: InputSink | None = None,
+    ):
         self.edit = edit or AttentionEdit()
         self.capture = capture
         self.head_outputs = head_outputs
+        self.inputs = inputs
         self._layers: dict[int, _LayerEdit] = {}
 
     def layer(self, layer: int, query: torch.Tensor) -> _LayerEdit:
@@ -231,6 +281,40 @@ def attention_probs(
     return torch.softmax(scores, dim=-1)
 
 
+def key_bias(attention_mask: torch.Tensor | None, rows: torch.Tensor, query_length: int, key_length: int) -> torch.Tensor:
+    """The mask of ``rows`` as an additive float32 bias [batch or 1, 1, len(rows), key_length]
+    (0 = attend, -inf = masked; a float mask as it is), read with :func:`attention_probs`'s
+    conventions. Passed back to :func:`attention_probs` with ``rows = arange(len(rows))`` it
+    gives the same rows, so rows of different sequences can be padded into one batch."""
+    if attention_mask is not None:
+        mask = attention_mask[:, :, rows, :key_length]
+        if mask.dtype != torch.bool:
+            return mask.float()
+        return torch.zeros(mask.shape, device=mask.device).masked_fill(~mask, float("-inf"))
+    bias = torch.zeros(1, 1, len(rows), key_length, device=rows.device)
+    if query_length > 1:
+        bias = bias.masked_fill(torch.arange(key_length, device=rows.device)[None, :] > rows[:, None], float("-inf"))
+    return bias
+
+
+def attention_rows(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    rows: torch.Tensor,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Per-head attention outputs [batch, heads, len(rows), head_dim] of the given query rows
+    (GQA: value repeated per query head; causal cropping as in :func:`attention_probs`)."""
+    value = repeat_kv(value, query.shape[1] // key.shape[1])
+    if attention_mask is None and query.shape[2] > 1:
+        value = value[:, :, : query.shape[2]]
+    probs = attention_probs(query, key, attention_mask, scaling, rows, softcap)
+    return torch.matmul(probs.to(value.dtype), value)
+
+
 def _manual_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -241,15 +325,10 @@ def _manual_attention(
 ) -> torch.Tensor:
     """Attention output [batch, q_len, heads, dim] computed in row chunks, for what SDPA lacks
     (logit soft-capping): memory stays O(chunk x length) per layer."""
-    n_groups = query.shape[1] // key.shape[1]
-    value = repeat_kv(value, n_groups)
-    if attention_mask is None and query.shape[2] > 1:
-        value = value[:, :, : query.shape[2]]
     chunks = []
     for start in range(0, query.shape[2], _ROW_CHUNK):
         rows = torch.arange(start, min(start + _ROW_CHUNK, query.shape[2]), device=query.device)
-        probs = attention_probs(query, key, attention_mask, scaling, rows, softcap)
-        chunks.append(torch.matmul(probs.to(value.dtype), value))
+        chunks.append(attention_rows(query, key, value, attention_mask, scaling, rows, softcap))
     return torch.cat(chunks, dim=2).transpose(1, 2).contiguous()
 
 
@@ -270,8 +349,11 @@ def instrumented_attention(
     edit = plan.layer(module.layer_idx, query) if plan and plan.edit.applies_to(query.shape[2]) else _LayerEdit()
     if edit.query_scale is not None:
         query = query * edit.query_scale
-    if plan is not None and plan.capture is not None and query.shape[2] > 1:
-        plan.capture.sink(module.layer_idx, attention_probs(query, key, attention_mask, scaling, plan.capture.rows, softcap))
+    rows = plan.capture.rows_for(query) if plan is not None and plan.capture is not None else None
+    if rows is not None:
+        plan.capture.sink(module.layer_idx, attention_probs(query, key, attention_mask, scaling, rows, softcap))
+    if plan is not None and plan.inputs is not None:
+        plan.inputs(module.layer_idx, AttentionInputs(query, key, value, attention_mask, scaling, softcap))
     if softcap is not None:
         output = _manual_attention(query, key, value, attention_mask, scaling, softcap)
     else:
@@ -299,15 +381,19 @@ def instrumented(
     edit: AttentionEdit | None = None,
     capture: RowCapture | None = None,
     head_outputs: OutputSink | None = None,
+    inputs: InputSink | None = None,
 ) -> Iterator[None]:
     """Apply ``edit`` and ``capture`` to every forward pass of ``model`` inside the block.
 
     ``head_outputs(layer, output)``, if given, receives each layer's attention output
     [batch, q_len, heads, head_dim] after the edit, i.e. what ``o_proj`` reads.
+    ``inputs(layer, AttentionInputs)``, if given, receives what each layer's attention computes
+    with (the tensors themselves: detach or reduce them, and mind that a prefill's are
+    O(length) per layer).
     """
     global _active
     install(model)
-    previous, _active = _active, _Plan(edit, capture, head_outputs)
+    previous, _active = _active, _Plan(edit, capture, head_outputs, inputs)
     try:
         yield
     finally:

@@ -68,6 +68,9 @@ class Sample:
     query_start: int  # first token of the question; rows from here on read the context
     needle_span: tuple[int, int]  # where the retrievable information sits
     meta: dict[str, Any] = field(default_factory=dict)  # e.g. context length, depth, seed
+    # where the gold answer's tokens sit in input_ids (inside the needle), for detectors that
+    # check what the model copies (Wu et al.'s retrieval score); None when a task cannot say
+    answer_span: tuple[int, int] | None = None
 
 
 @dataclass
@@ -112,6 +115,10 @@ class Intervention(ABC):
 
     def validate(self, info: ModelInfo) -> None:
         """Raise :class:`ConfigError` for parameters impossible on this model (no weights yet)."""
+
+    def prepare(self, model: LoadedModel, samples: list[Sample]) -> None:
+        """Learn what the edit needs from the detection samples (e.g. per-dim utility), once,
+        before :meth:`treatment` and :meth:`control`. Most interventions need nothing."""
 
     @abstractmethod
     def treatment(self, model: LoadedModel, heads: list[Head]) -> AttentionEdit:

@@ -38,9 +38,11 @@ class QueryDimIntervention(Intervention):
         """The query dimensions this intervention zeroes in ``head``."""
 
     def treatment(self, model: LoadedModel, heads: list[Head]) -> AttentionEdit:
-        return AttentionEdit.zero_query_dims({h: self.dims(model, h) for h in heads}, model.info.head_dim)
+        dims = {h: self.dims(model, h) for h in heads}
+        return AttentionEdit.zero_query_dims({h: d for h, d in dims.items() if len(d)}, model.info.head_dim)
 
     def control(self, model: LoadedModel, heads: list[Head], rng: np.random.Generator) -> AttentionEdit:
         draw = random_pair_dims if self.pairs else random_raw_dims
         head_dim = model.info.head_dim
-        return AttentionEdit.zero_query_dims({h: draw(head_dim, len(self.dims(model, h)), rng) for h in heads}, head_dim)
+        counts = {h: len(self.dims(model, h)) for h in heads}
+        return AttentionEdit.zero_query_dims({h: draw(head_dim, n, rng) for h, n in counts.items() if n}, head_dim)

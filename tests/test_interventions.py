@@ -68,3 +68,24 @@ def test_random_dims_are_reproducible_per_seed_and_differ_between_heads(model):
 def test_impossible_dim_counts_are_refused(model, name, n_dims, message):
     with pytest.raises(ConfigError, match=message):
         get_registry().create("intervention", {"name": name, "n_dims": n_dims}).validate(model.info)
+
+
+def test_zero_lowutility_zeroes_each_heads_low_utility_dims(model):
+    from framework.interfaces import Sample
+
+    rng = np.random.default_rng(0)
+    samples = [Sample(id=str(i), input_ids=rng.integers(3, 256, 24).tolist(), answer="", answer_ids=[5, 6],
+                      context_span=(1, 16), query_start=16, needle_span=(4, 8)) for i in range(2)]
+    intervention = get_registry().create("intervention", {"name": "zero_lowutility", "steps": 20})
+    with pytest.raises(RuntimeError, match="prepare"):
+        intervention.treatment(model, HEADS)
+    intervention.prepare(model, samples)
+    assert intervention.utility.shape == (3, 4, HEAD_DIM)
+    assert ((intervention.utility >= 0) & (intervention.utility <= 1)).all()
+
+    planted = np.ones((3, 4, HEAD_DIM))
+    planted[0, 1, [2, 5, 11]] = 0.2  # three low-utility dims in head (0, 1), none elsewhere
+    intervention.utility = planted
+    assert zeroed(intervention.treatment(model, HEADS)) == {(0, 1): [2, 5, 11]}
+    control = zeroed(intervention.control(model, HEADS, np.random.default_rng(1)))
+    assert control.keys() == {(0, 1)} and len(control[(0, 1)]) == 3

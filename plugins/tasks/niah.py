@@ -116,6 +116,8 @@ class NeedleTask(Task):
         needle_start = len(head) + cut
         query_start = needle_start + len(needle) + len(haystack) - cut
         first = 1 if ids and ids[0] in tokenizer.all_special_ids else 0
+        value_at = len(self.needle.split("{value}")[0].format(**fields))  # first occurrence of the value
+        value_span = _token_span(tokenizer, self.needle.format(**fields), needle, value_at, value_at + len(fields["value"]))
         return Sample(
             id="",
             input_ids=ids,
@@ -125,10 +127,24 @@ class NeedleTask(Task):
             query_start=query_start,
             needle_span=(needle_start, needle_start + len(needle)),
             meta={"context_length": length, "depth": depth, "tokens": len(ids), **fields},
+            answer_span=(needle_start + value_span[0], needle_start + value_span[1]) if value_span else None,
         )
 
     def score(self, sample: Sample, output: str) -> float:
         return float(re.search(rf"(?<!\d){re.escape(sample.answer)}(?!\d)", output) is not None)
+
+
+def _token_span(tokenizer: Any, text: str, ids: list[int], start: int, end: int) -> tuple[int, int] | None:
+    """The tokens of ``ids`` (``text`` encoded) that cover characters [start, end) of ``text``,
+    from the tokenizer's offsets; None where it has none or encodes ``text`` differently."""
+    try:
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except (NotImplementedError, TypeError, ValueError, KeyError):
+        return None
+    if list(encoded["input_ids"]) != list(ids):
+        return None
+    inside = [i for i, (a, b) in enumerate(encoded["offset_mapping"]) if a < end and b > start]
+    return (inside[0], inside[-1] + 1) if inside else None
 
 
 def _chat_frame(tokenizer: Any) -> tuple[list[int], list[int]]:

@@ -1,0 +1,106 @@
+"""Shared pieces of the list-retrieval tasks (``multidoc_qa``, ``kv_retrieval``, ``closed_book``).
+
+Prompts are assembled from separately tokenised pieces inside the model's chat frame (reused from
+:mod:`plugins.tasks.niah`), so every span is exact by construction rather than found again by
+searching the decoded text. :class:`PositionedTask` is the paired design of Liu et al. (2024):
+each record is shown once with its gold item at every requested slot, so recall by depth compares
+the same questions and only the position changes.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from typing import Any, Sequence
+
+import numpy as np
+
+from framework.interfaces import ConfigError, Sample, Split, Task
+from plugins.tasks.niah import _chat_frame, _token_span
+
+
+def encode(tokenizer: Any, text: str) -> list[int]:
+    return tokenizer.encode(text, add_special_tokens=False)
+
+
+def chat_sample(
+    tokenizer: Any, instruction: str, items: Sequence[str], gold: int | None, question: str, answer: str,
+    meta: dict[str, Any], answer_prefix: str = "",
+) -> Sample:
+    """A Sample whose user message is ``instruction + items + question``, followed by the
+    assistant's ``answer_prefix``; the answer (``answer_ids``) continues the prompt directly.
+
+    The context span runs from after the first token (when it is a special token: the attention
+    sink) to the question; the needle span is ``items[gold]``, or an empty span at the question when
+    ``gold`` is None (nothing in the context is needed to answer). ``answer_span`` covers the
+    answer's first verbatim occurrence in the gold item (None where it has none).
+    """
+    prefix, suffix = _chat_frame(tokenizer)
+    ids = prefix + encode(tokenizer, instruction)
+    spans, answer_span = [], None
+    for index, item in enumerate(items):
+        piece = encode(tokenizer, item)
+        at = item.find(answer) if index == gold else -1
+        local = _token_span(tokenizer, item, piece, at, at + len(answer)) if at >= 0 else None
+        if local:  # the answer's own tokens, for detectors that check what is copied
+            answer_span = (len(ids) + local[0], len(ids) + local[1])
+        spans.append((len(ids), len(ids) + len(piece)))
+        ids += piece
+    query_start = len(ids)
+    ids += encode(tokenizer, question) + suffix + encode(tokenizer, answer_prefix)
+    first = 1 if ids and ids[0] in tokenizer.all_special_ids else 0
+    return Sample(
+        id="",
+        input_ids=ids,
+        answer=answer,
+        answer_ids=encode(tokenizer, answer),
+        context_span=(first, query_start),
+        query_start=query_start,
+        needle_span=spans[gold] if gold is not None else (query_start, query_start),
+        meta={"tokens": len(ids), **meta},
+        answer_span=answer_span,
+    )
+
+
+def is_whole(value: Any) -> bool:
+    """A whole number (bools excluded: `true` in a config is not a count)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def check_count(name: str, value: int, maximum: int | None = None) -> int:
+    """``value`` as an int in [1, maximum], else a ConfigError naming the parameter."""
+    if not is_whole(value) or value < 1 or (maximum is not None and value > maximum):
+        bound = f" and at most {maximum}" if maximum is not None else ""
+        raise ConfigError(f"{name}={value!r} must be a whole number of at least 1{bound}")
+    return int(value)
+
+
+class PositionedTask(Task):
+    """Records x gold slots: subclasses draw records and render one record with its gold at a slot."""
+
+    def __init__(self, samples_per_position: int, detect_samples_per_position: int, max_new_tokens: int):
+        self.samples_per_position = check_count("samples_per_position", samples_per_position)
+        self.detect_samples_per_position = check_count("detect_samples_per_position", detect_samples_per_position)
+        self.max_new_tokens = check_count("max_new_tokens", max_new_tokens)
+
+    n_slots: int  # number of items in the list; depth = slot / (n_slots - 1)
+    slots: list[int]  # 0-based gold slots to evaluate
+
+    @abstractmethod
+    def _records(self, rng: np.random.Generator, count: int) -> list[Any]:
+        """``count`` seeded records."""
+
+    @abstractmethod
+    def _sample(self, tokenizer: Any, record: Any, slot: int) -> Sample:
+        """``record`` rendered with its gold item at 0-based ``slot``."""
+
+    def build_samples(self, tokenizer: Any, split: Split, seed: int) -> list[Sample]:
+        count = self.samples_per_position if split == "eval" else self.detect_samples_per_position
+        samples = []
+        for index, record in enumerate(self._records(np.random.default_rng(seed), count)):
+            for slot in self.slots:
+                sample = self._sample(tokenizer, record, slot)
+                sample.id = f"{split}-P{slot + 1}-{index}"
+                depth = slot / (self.n_slots - 1) if self.n_slots > 1 else 0.0
+                sample.meta.update(split=split, seed=seed, index=index, gold_position=slot + 1, depth=depth)
+                samples.append(sample)
+        return samples
