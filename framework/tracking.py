@@ -6,18 +6,22 @@ in ``mlruns/artifacts``; a team sets ``MLFLOW_TRACKING_URI`` to its ``mlflow ser
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import traceback
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
+from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import mlflow
 from mlflow.entities import RunStatus
 
+from framework import hookspecs
 from framework.interfaces import ModelInfo
+from framework.registry import get_registry
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +70,30 @@ def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return flat
 
 
+def config_hash(config: Mapping[str, Any]) -> str:
+    """Identity of a resolved job config (tag ``config_hash``): a re-run sweep skips jobs whose
+    config already has a FINISHED run, so the hash must not depend on key order."""
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def failing_plugin(error: BaseException) -> str | None:
+    """The plugin whose code raised ``error`` (innermost plugin frame of its traceback), named
+    with its distribution, so that a failure inside third-party code points at that code."""
+    group = entry_points(group=hookspecs.PROJECT)
+    owners = {ep.module: f"{ep.name} ({ep.dist.name} {ep.dist.version})" for ep in group}
+    with suppress(Exception):  # a registry that fails to load still leaves the entry points to go by
+        owners |= {e.cls.__module__: e.source for kind in get_registry().entries.values() for e in kind.values()}
+    culprit = None
+    for frame, _ in traceback.walk_tb(error.__traceback__):
+        culprit = owners.get(frame.f_globals.get("__name__", ""), culprit)
+    return culprit
+
+
+def failed_run_id(error: BaseException) -> str | None:
+    """The MLflow run that ``error`` ended (marked FAILED or KILLED), if one was open."""
+    return getattr(error, "_mlflow_run_id", None)
+
+
 def model_tags(info: ModelInfo) -> dict[str, str]:
     return {
         "model": info.name,
@@ -79,14 +107,25 @@ def model_tags(info: ModelInfo) -> dict[str, str]:
 
 
 @contextmanager
-def tracked_run(config: Mapping[str, Any], info: ModelInfo, experiment: str, run_name: str | None) -> Iterator[Any]:
-    """An active MLflow run with config, params and model tags logged up front.
+def tracked_run(
+    config: Mapping[str, Any],
+    info: ModelInfo,
+    experiment: str,
+    run_name: str | None,
+    parent_run_id: str | None = None,
+    tags: Mapping[str, str] | None = None,
+) -> Iterator[Any]:
+    """An active MLflow run with config, params and model tags logged up front; nested under
+    ``parent_run_id`` when it is one job of a sweep.
 
-    An exception ends the run FAILED (Ctrl-C: KILLED) with the error logged as a tag and an
-    artifact; everything logged before it stays.
+    An exception ends the run FAILED (Ctrl-C: KILLED) with the error (and the plugin that raised
+    it) logged as tags and an artifact; everything logged before it stays.
     """
     configure()
-    run = mlflow.start_run(experiment_id=experiment_id(experiment), run_name=run_name)
+    run = mlflow.start_run(
+        experiment_id=experiment_id(experiment), run_name=run_name, parent_run_id=parent_run_id,
+        tags={"config_hash": config_hash(config), **(tags or {})},
+    )
     try:
         mlflow.set_tags(model_tags(info))
         params = {k: str(v)[:_MAX_PARAM_LENGTH] for k, v in flatten(config).items()}
@@ -98,9 +137,13 @@ def tracked_run(config: Mapping[str, Any], info: ModelInfo, experiment: str, run
     except BaseException as error:
         status = RunStatus.to_string(RunStatus.KILLED if isinstance(error, KeyboardInterrupt) else RunStatus.FAILED)
         mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
+        plugin = failing_plugin(error)
+        if plugin is not None:
+            mlflow.set_tag("error.plugin", plugin)
         mlflow.log_text(traceback.format_exc(), "error.txt")
         mlflow.end_run(status=status)
         log.error("run %s marked %s; what it logged so far is kept", run.info.run_id, status)
+        error._mlflow_run_id = run.info.run_id  # read back by failed_run_id()
         raise
     else:
         mlflow.end_run()
