@@ -4,7 +4,7 @@ corrections and permutation-null p-values. scipy does the work wherever it has t
 from __future__ import annotations
 
 import numpy as np
-from scipy.stats import false_discovery_control
+from scipy.stats import binomtest, false_discovery_control, spearmanr
 
 
 def cohens_d(a: np.ndarray, b: np.ndarray) -> float:
@@ -49,3 +49,33 @@ def null_p_value(observed: float, null: np.ndarray, alternative: str = "less") -
         centre = null.mean()
         hits = np.sum(np.abs(null - centre) >= abs(observed - centre))
     return float((1 + hits) / (1 + len(null)))
+
+
+def mcnemar_exact(treatment: np.ndarray, reference: np.ndarray) -> dict[str, float]:
+    """Exact McNemar test of paired 0/1 outcomes: scipy's exact binomial test on the discordant
+    pairs, with the risk difference and the Haldane-corrected odds ratio."""
+    treatment, reference = np.asarray(treatment), np.asarray(reference)
+    if not np.isin(np.concatenate([treatment, reference]), (0, 1)).all():
+        raise ValueError("McNemar needs binary (0/1) per-sample outcomes")
+    gained = int(np.sum((treatment == 1) & (reference == 0)))
+    lost = int(np.sum((treatment == 0) & (reference == 1)))
+    p_value = binomtest(gained, gained + lost, 0.5).pvalue if gained + lost else 1.0
+    return {
+        "p_value": float(p_value),
+        "effect_size": float(treatment.mean() - reference.mean()),
+        "odds_ratio": (gained + 0.5) / (lost + 0.5),
+        "discordant_gained": gained,
+        "discordant_lost": lost,
+    }
+
+
+def rowwise_spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Spearman's rho between ``a[..., :]`` and ``b[..., :]`` for every leading index (e.g. per
+    head across its query dims); nan where either row is constant."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    flat_a, flat_b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+    rho = np.full(len(flat_a), np.nan)
+    for i, (x, y) in enumerate(zip(flat_a, flat_b)):
+        if np.ptp(x) > 0 and np.ptp(y) > 0:
+            rho[i] = spearmanr(x, y).statistic
+    return rho.reshape(a.shape[:-1])
