@@ -12,6 +12,7 @@ import os
 import sys
 
 import hydra
+import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from framework.interfaces import ConfigError, RunContext
@@ -35,10 +36,14 @@ def describe(error: Exception) -> str:
 
 
 def print_result(context: RunContext) -> None:
-    summary = ", ".join(f"{k}={v.mean():.3f}" for k, v in context.outcomes.items())
+    """Recall per condition (random controls summarised), the p-values and any claim verdict."""
+    nulls = [v.mean() for k, v in context.outcomes.items() if k.startswith("null.")]
+    summary = ", ".join(f"{k}={v.mean():.3f}" for k, v in context.outcomes.items() if not k.startswith("null."))
+    if nulls:
+        summary += f", {len(nulls)} more random controls: mean {np.mean(nulls):.3f}"
     print(f"run {context.run_id}: recall {summary}")
     for key, value in context.metrics.items():
-        if key.endswith("p_value"):
+        if key.endswith("p_value") or key.startswith("claim/"):
             print(f"  {key} = {value:.4g}")
 
 

@@ -101,6 +101,11 @@ class AttentionEdit:
             scales[head][np.asarray(dims, dtype=int)] = 0.0
         return cls(query_scale=scales, phase=phase)
 
+    @property
+    def heads(self) -> list[Head]:
+        """Every head this edit touches (masked, or with query dims scaled)."""
+        return sorted(set(self.head_masks) | set(self.query_scale))
+
     def applies_to(self, query_length: int) -> bool:
         """Whether a forward pass with this many query positions is edited (see ``phase``)."""
         return _phase_applies(self.phase, query_length)

@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
-from scipy.stats import bootstrap  # noqa: E402
+from scipy.stats import bootstrap, spearmanr  # noqa: E402
 
 from framework import tracking  # noqa: E402
 
@@ -67,9 +67,12 @@ def collect(client: MlflowClient, experiments: list[str], filter_string: str = "
             "detector": tags.get("detector"),
             "intervention": tags.get("intervention"),
             "heads_selected": metrics.get("heads/selected", np.nan),
+            "heads_fraction": metrics.get("heads/selected_fraction", np.nan),
             "p_treatment_vs_baseline": metrics.get("mcnemar/treatment_vs_baseline/p_value", np.nan),
             "p_treatment_vs_control": metrics.get("mcnemar/treatment_vs_control/p_value", np.nan),
         }
+        row |= {"claim": tags.get("claim"), "head_dim": float(tags.get("model.head_dim", "nan"))}
+        row |= {key: value for key, value in metrics.items() if key.startswith("claim/")}
         for condition in CONDITIONS:
             row[f"recall_{condition}"] = metrics.get(f"recall/{condition}", np.nan)
         row["recall_drop"] = row["recall_baseline"] - row["recall_treatment"]
@@ -83,15 +86,25 @@ def collect(client: MlflowClient, experiments: list[str], filter_string: str = "
 def figures(table: pd.DataFrame) -> dict[str, plt.Figure]:
     """Theta vs heads detected, and recall drop with CI per model and intervention."""
     out = {}
-    detected = table.dropna(subset=["heads_selected"]).groupby(["model", "family", "rope_theta"], as_index=False)["heads_selected"].mean()
+    detected = (table.dropna(subset=["heads_fraction"])
+                .groupby(["model", "family", "rope_theta"], as_index=False)[["heads_selected", "heads_fraction"]].mean())
     if not detected.empty:
         fig, ax = plt.subplots(figsize=(6, 4))
-        sns.scatterplot(data=detected, x="rope_theta", y="heads_selected", hue="family", s=80, ax=ax)
+        sns.scatterplot(data=detected, x="rope_theta", y="heads_fraction", hue="family", s=80, ax=ax)
         for _, row in detected.iterrows():
-            ax.annotate(row["model"], (row["rope_theta"], row["heads_selected"]), textcoords="offset points", xytext=(5, 5))
-        ax.set(xscale="log", xlabel="RoPE theta", ylabel="retrieval heads detected", title="Theta vs retrieval heads")
+            ax.annotate(f"{row['model']} ({row['heads_selected']:.0f} heads)", (row["rope_theta"], row["heads_fraction"]),
+                        textcoords="offset points", xytext=(5, 5))
+        ax.set(xscale="log", xlabel="RoPE theta", ylabel="fraction of heads detected", title="Theta vs retrieval heads")
         fig.tight_layout()
         out["theta_vs_heads.png"] = fig
+    dosed = _dose_curves(table)
+    if not dosed.empty:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        sns.lineplot(data=dosed, x="fraction of head_dim", y="recall drop", hue="model", style="condition",
+                     marker="o", ax=ax)
+        ax.set(xscale="log", title="Recall drop vs dims zeroed (treatment: lowest frequencies; control: random)")
+        fig.tight_layout()
+        out["dose_response.png"] = fig
     drops = table.dropna(subset=["recall_drop"])
     if not drops.empty:
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -104,6 +117,40 @@ def figures(table: pd.DataFrame) -> dict[str, plt.Figure]:
         fig.tight_layout()
         out["recall_drop.png"] = fig
     return out
+
+
+def _dose_curves(table: pd.DataFrame) -> pd.DataFrame:
+    """Long table of the dose runs' recall drops (claim 4), doses as fractions of head_dim."""
+    rows = []
+    for _, run in table.iterrows():
+        for column, value in run.items():
+            for prefix, condition in (("claim/recall_drop.", "treatment"), ("claim/control_recall_drop.", "control")):
+                if isinstance(column, str) and column.startswith(prefix) and np.isfinite(value):
+                    rows.append({"model": run["model"], "condition": condition, "recall drop": value,
+                                 "fraction of head_dim": float(column.removeprefix(prefix)) / run["head_dim"]})
+    return pd.DataFrame(rows)
+
+
+def theta_verdict(table: pd.DataFrame) -> dict[str, float]:
+    """Claim 2 across models: does a higher RoPE theta come with fewer retrieval heads? Heads are
+    compared as the fraction of all heads selected (models differ in head count; the counts are
+    logged too). Verdict 1 (the claim holds) when the model with the highest theta has at least
+    the head fraction of the one with the lowest; with three models or more, also Spearman's rho
+    of theta vs head fraction."""
+    per_model = (table.dropna(subset=["heads_fraction", "rope_theta"])
+                 .groupby("model")[["rope_theta", "heads_selected", "heads_fraction"]].mean())
+    if per_model["rope_theta"].nunique() < 2:
+        return {}
+    lowest, highest = per_model["rope_theta"].idxmin(), per_model["rope_theta"].idxmax()
+    metrics = {"claim2/models": len(per_model),
+               "claim2/heads_at_lowest_theta": per_model.loc[lowest, "heads_selected"],
+               "claim2/heads_at_highest_theta": per_model.loc[highest, "heads_selected"],
+               "claim2/fraction_at_lowest_theta": per_model.loc[lowest, "heads_fraction"],
+               "claim2/fraction_at_highest_theta": per_model.loc[highest, "heads_fraction"],
+               "claim2/verdict": float(per_model.loc[highest, "heads_fraction"] >= per_model.loc[lowest, "heads_fraction"])}
+    if len(per_model) > 2:
+        metrics["claim2/spearman_theta_fraction"] = float(spearmanr(per_model["rope_theta"], per_model["heads_fraction"]).statistic)
+    return metrics
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -123,6 +170,10 @@ def main(argv: list[str] | None = None) -> None:
     with mlflow.start_run(experiment_id=tracking.experiment_id(args.log_to), run_name="compare") as run:
         mlflow.set_tags({"kind": "comparison", "compared_experiments": ",".join(args.experiment), "filter": args.filter})
         mlflow.log_metric("runs_compared", len(table))
+        verdicts = theta_verdict(table)
+        if verdicts:
+            mlflow.log_metrics(verdicts)
+            print("claim 2 (theta vs heads): " + ", ".join(f"{k.removeprefix('claim2/')} {v:g}" for k, v in verdicts.items()))
         mlflow.log_table(table, "comparison.json")
         for name, fig in plots.items():
             mlflow.log_figure(fig, name)

@@ -9,11 +9,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import numpy as np
 
 from framework.attention import AttentionEdit, Head
+
+if TYPE_CHECKING:
+    from framework.conditions import Condition
 
 Split = Literal["detect", "eval"]
 
@@ -91,6 +94,8 @@ class RunContext:
     run_id: str
     model: LoadedModel | None = None
     head_scores: HeadScores | None = None
+    detector_scores: dict[str, HeadScores] = field(default_factory=dict)  # extra detectors, by config key
+    conditions: list[Condition] = field(default_factory=list)  # what each evaluated condition edits
     outcomes: dict[str, np.ndarray] = field(default_factory=dict)  # condition -> per sample
     metrics: dict[str, float] = field(default_factory=dict)
 

@@ -1,4 +1,5 @@
-"""One composed run: load model -> samples -> baseline -> detect -> intervene + control -> tests.
+"""One composed run: load model -> samples -> baseline -> detect -> intervene + control -> tests
+-> claim verdict (the conditions a run evaluates are planned in :mod:`framework.conditions`).
 
 Paired design: every condition generates on exactly the same evaluation samples; detection uses
 samples drawn with a different seed. Everything is logged to one MLflow run as it finishes, so a
@@ -16,18 +17,19 @@ from typing import Any, Iterator, Mapping
 import mlflow
 import numpy as np
 import pandas as pd
+from scipy.stats import spearmanr
 
 from framework import plots, tracking
 from framework.attention import AttentionEdit
+from framework.claims import CLAIMS, check_claim
+from framework.conditions import BASELINE, Condition, Plan, comparisons, is_dosed
 from framework.generation import greedy_generate
 from framework.interfaces import ConfigError, HeadScores, LoadedModel, RunContext, Sample, Task
 from framework.models import load_model, model_info
 from framework.registry import get_registry
+from framework.statistics import benjamini_hochberg, holm, null_p_value
 
 log = logging.getLogger(__name__)
-
-# Paired comparisons tested on every run with an intervention: (treatment, reference)
-COMPARISONS = [("treatment", "baseline"), ("control", "baseline"), ("treatment", "control")]
 
 
 def _evaluate(
@@ -49,28 +51,74 @@ def _evaluate(
     return outputs, outcomes
 
 
-def _log_head_scores(result: HeadScores) -> None:
-    prefix = f"detector/{result.detector}"
+def _log_head_scores(result: HeadScores, prefix: str) -> None:
     mlflow.log_dict({"shape": list(result.scores.shape), "scores": result.scores.tolist()}, f"{prefix}/scores.json")
     mlflow.log_dict({"selected_heads": [list(h) for h in result.selected]}, f"{prefix}/selected_heads.json")
     mlflow.log_figure(plots.head_score_heatmap(result.scores, result.selected, result.detector), f"{prefix}/heatmap.png")
-    mlflow.log_metric("heads/selected", len(result.selected))
-    mlflow.log_metric("heads/selected_fraction", len(result.selected) / result.scores.size)
 
 
-def _sample_table(samples: list[Sample], outputs: dict[str, list[str]], outcomes: dict[str, np.ndarray]) -> pd.DataFrame:
+def _detector_agreement(main: HeadScores, other: HeadScores) -> dict[str, float]:
+    """How far two detectors agree: Spearman's rho of their [layers x heads] scores, and the
+    overlap (count and Jaccard index) of their selections."""
+    rho = spearmanr(main.scores.ravel(), other.scores.ravel())
+    shared = len(set(main.selected) & set(other.selected))
+    union = len(set(main.selected) | set(other.selected))
+    return {"heads_selected": len(other.selected), "spearman": float(rho.statistic), "spearman_p": float(rho.pvalue),
+            "overlap": shared, "jaccard": shared / union if union else float("nan")}
+
+
+def _test_comparisons(
+    context: RunContext, stats: dict[str, Any], pairs: list[tuple[str, str]]
+) -> dict[str, float]:
+    """Every stat on every paired comparison; where a stat gives p-values for several
+    comparisons, also their Holm (family-wise) and Benjamini-Hochberg (FDR) adjustments."""
+    metrics = {}
+    for key, test in stats.items():
+        p_values = {}
+        for treatment, reference in pairs:
+            result = test.compare(context.outcomes[treatment], context.outcomes[reference])
+            for metric, value in result.items():
+                metrics[f"{key}/{treatment}_vs_{reference}/{metric}"] = value
+            if "p_value" in result:
+                p_values[f"{key}/{treatment}_vs_{reference}"] = result["p_value"]
+        if len(p_values) > 1:
+            for name, p_holm, p_bh in zip(p_values, holm(list(p_values.values())), benjamini_hochberg(list(p_values.values()))):
+                metrics[f"{name}/p_holm"], metrics[f"{name}/p_bh"] = float(p_holm), float(p_bh)
+    return metrics
+
+
+def _null_metrics(context: RunContext) -> dict[str, float]:
+    """The treatment's recall against the null of random controls (all of the run's random draws
+    at the treatment's setting: the control and every extra ``controls`` draw)."""
+    nulls = [c.label for c in context.conditions if c.role == "null"]
+    if not nulls:
+        return {}
+    treatment = next(c.label for c in reversed(context.conditions) if c.role == "treatment")
+    control = "control" + treatment.removeprefix("treatment")
+    null = np.array([context.outcomes[label].mean() for label in [control, *nulls]])
+    observed = float(context.outcomes[treatment].mean())
+    return {"null/draws": len(null), "null/recall_mean": float(null.mean()), "null/recall_min": float(null.min()),
+            "null/p_value": null_p_value(observed, null, "less")}
+
+
+def _sample_table(
+    samples: list[Sample], outputs: dict[str, list[str]], outcomes: dict[str, np.ndarray], conditions: list[Condition]
+) -> pd.DataFrame:
+    described = {c.label: c for c in conditions}
     rows = []
-    for condition in outcomes:
-        for sample, output, correct in zip(samples, outputs[condition], outcomes[condition]):
+    for label in outcomes:
+        condition = described.get(label)
+        for sample, output, correct in zip(samples, outputs[label], outcomes[label]):
             meta = {k: v for k, v in sample.meta.items() if isinstance(v, (int, float, str))}
-            rows.append({"sample": sample.id, "condition": condition, "answer": sample.answer,
+            rows.append({"sample": sample.id, "condition": label, "role": condition.role if condition else BASELINE,
+                         "dose": condition.dose if condition else None, "answer": sample.answer,
                          "output": output, "correct": float(correct), **meta})
     return pd.DataFrame(rows)
 
 
 @contextmanager
 def _keep_partial_samples(
-    samples: list[Sample], outputs: dict[str, list[str]], outcomes: dict[str, np.ndarray]
+    samples: list[Sample], outputs: dict[str, list[str]], outcomes: dict[str, np.ndarray], conditions: list[Condition]
 ) -> Iterator[None]:
     """On a failure or Ctrl-C between conditions, log the per-sample table of the conditions
     that finished, so the run keeps them (the full table is logged once all have run)."""
@@ -78,18 +126,19 @@ def _keep_partial_samples(
         yield
     except BaseException:
         if outputs:
-            mlflow.log_table(_sample_table(samples, outputs, outcomes), "samples.json")
+            mlflow.log_table(_sample_table(samples, outputs, outcomes, conditions), "samples.json")
         raise
 
 
 class _Steps:
     """Announces each step of a run as 'step i/n', so a long run shows how far it got."""
 
-    def __init__(self, names: list[str]):
-        self.names = names
+    def __init__(self, total: int):
+        self.total, self.done = total, 0
 
     def start(self, name: str, detail: str) -> None:
-        log.info("step %d/%d: %s (%s)", self.names.index(name) + 1, len(self.names), name, detail)
+        self.done += 1
+        log.info("step %d/%d: %s (%s)", self.done, self.total, name, detail)
 
 
 def run(
@@ -102,25 +151,30 @@ def run(
     registry = get_registry()
     task = registry.create("task", config["task"])
     detector = registry.create("detector", config["detector"]) if config.get("detector") else None
-    intervention = registry.create("intervention", config["intervention"]) if config.get("intervention") else None
+    extra_detectors = {key: registry.create("detector", node) for key, node in (config.get("detectors") or {}).items()}
     stats = {key: registry.create("stats", node) for key, node in (config.get("stats") or {}).items()}
-    if intervention is not None and detector is None:
-        raise ConfigError(
-            f"intervention {intervention.name!r} needs heads to act on: add +detector=<name> "
-            f"(available: {', '.join(registry.names('detector'))})"
-        )
+    check_claim(config.get("claim"))
+    if detector is None and (config.get("intervention") or extra_detectors):
+        needs = (f"intervention {config['intervention']['name']!r} needs heads to act on" if config.get("intervention")
+                 else "extra detectors are compared with a main detector")
+        raise ConfigError(f"{needs}: add +detector=<name> (available: {', '.join(registry.names('detector'))})")
+    if config.get("intervention") is None and (is_dosed(config) or config.get("controls") or config.get("conditions")):
+        raise ConfigError("dose, controls and conditions act on an intervention: add +intervention=<name> "
+                          f"(available: {', '.join(registry.names('intervention'))})")
     if config["detect_seed"] == config["seed"]:
         raise ConfigError("detect_seed must differ from seed: detection and evaluation need different samples")
     info = model_info(config["model"])
-    for plugin in (detector, intervention):
+    for plugin in (detector, *extra_detectors.values()):
         if plugin is not None:
             plugin.validate(info)
+    plan = Plan.from_config(config, registry, info) if config.get("intervention") else None
 
-    steps = _Steps(["baseline"] + (["detection"] if detector else []) + (["treatment", "control"] if intervention else []))
+    steps = _Steps(1 + (detector is not None) + len(extra_detectors) + (plan.n_conditions if plan else 0))
     with tracking.tracked_run(config, info, config["experiment"], config.get("run_name"), parent_run_id, tags) as active:
         context = RunContext(config=dict(config), run_id=active.info.run_id)
         mlflow.set_tags({"task": task.name, "detector": getattr(detector, "name", "none"),
-                         "intervention": getattr(intervention, "name", "none")})
+                         "intervention": plan.intervention.name if plan else "none",
+                         **({"claim": config["claim"]} if config.get("claim") else {})})
         context.model = model = load_model(config["model"])
         registry.manager.hook.run_started(context=context)
 
@@ -128,46 +182,53 @@ def run(
         mlflow.log_metric("samples", len(samples))
         outputs: dict[str, list[str]] = {}
         batch_size = config["batch_size"]
-        with _keep_partial_samples(samples, outputs, context.outcomes):
-            steps.start("baseline", f"{len(samples)} samples")
-            outputs["baseline"], context.outcomes["baseline"] = _evaluate("baseline", model, task, samples, None, batch_size)
+        with _keep_partial_samples(samples, outputs, context.outcomes, context.conditions):
+            steps.start(BASELINE, f"{len(samples)} samples")
+            outputs[BASELINE], context.outcomes[BASELINE] = _evaluate(BASELINE, model, task, samples, None, batch_size)
 
             if detector is not None:
                 detect_samples = task.build_samples(model.tokenizer, "detect", config["detect_seed"])
                 steps.start("detection", f"{detector.name} on {len(detect_samples)} samples")
                 context.head_scores = detector.detect(model, detect_samples)
-                _log_head_scores(context.head_scores)
+                _log_head_scores(context.head_scores, f"detector/{detector.name}")
+                mlflow.log_metrics({"heads/selected": len(context.head_scores.selected),
+                                    "heads/selected_fraction": len(context.head_scores.selected) / context.head_scores.scores.size})
                 log.info("[detection] %d heads selected", len(context.head_scores.selected))
-                if intervention is not None and not context.head_scores.selected:
+                for key, other in extra_detectors.items():
+                    steps.start(f"detection ({key})", f"{other.name} on {len(detect_samples)} samples")
+                    context.detector_scores[key] = result = other.detect(model, detect_samples)
+                    _log_head_scores(result, f"detectors/{key}")
+                    mlflow.log_metrics({f"detectors/{key}/{name}": value
+                                        for name, value in _detector_agreement(context.head_scores, result).items()})
+                if plan is not None and not context.head_scores.selected:
                     raise ConfigError(
                         f"detector {detector.name!r} selected no heads (max score "
                         f"{context.head_scores.scores.max():.3f}); lower its threshold or set top_k"
                     )
 
-            if intervention is not None:
-                heads = context.head_scores.selected
-                intervention.prepare(model, detect_samples)
-                edits = {
-                    "treatment": intervention.treatment(model, heads),
-                    "control": intervention.control(model, heads, np.random.default_rng(config["control_seed"])),
-                }
-                mlflow.log_dict({name: edit.describe() for name, edit in edits.items()}, "intervention/edits.json")
-                for name, edit in edits.items():
-                    steps.start(name, f"{intervention.name} on {len(heads)} heads, {len(samples)} samples")
-                    outputs[name], context.outcomes[name] = _evaluate(name, model, task, samples, edit, batch_size)
+            if plan is not None:
+                plan.prepare(model, detect_samples)
+                context.conditions.extend(plan.conditions(model, context.head_scores, config["control_seed"]))
+                mlflow.log_dict({c.label: c.describe() for c in context.conditions}, "intervention/edits.json")
+                for condition in context.conditions:
+                    steps.start(condition.label, f"{condition.intervention} on {len(condition.edit.heads)} heads, "
+                                f"{len(samples)} samples")
+                    outputs[condition.label], context.outcomes[condition.label] = _evaluate(
+                        condition.label, model, task, samples, condition.edit, batch_size)
 
-        table = _sample_table(samples, outputs, context.outcomes)
+        table = _sample_table(samples, outputs, context.outcomes, context.conditions)
         mlflow.log_table(table, "samples.json")
         if "depth" in table:
-            mlflow.log_figure(plots.recall_by_condition(table, "depth"), "recall_by_depth.png")
+            shown = table[table["role"] != "null"]
+            mlflow.log_figure(plots.recall_by_condition(shown, "depth"), "recall_by_depth.png")
 
-        for treatment, reference in COMPARISONS:
-            if treatment not in context.outcomes:
-                continue
-            for key, test in stats.items():
-                result = test.compare(context.outcomes[treatment], context.outcomes[reference])
-                for metric, value in result.items():
-                    context.metrics[f"{key}/{treatment}_vs_{reference}/{metric}"] = value
+        context.metrics.update(_test_comparisons(context, stats, comparisons(context.conditions)))
+        context.metrics.update(_null_metrics(context))
+        if config.get("claim"):
+            claim_metrics, figures = CLAIMS[config["claim"]](context, table)
+            context.metrics.update(claim_metrics)
+            for name, figure in figures.items():
+                mlflow.log_figure(figure, f"claim/{name}")
         for extra in registry.manager.hook.run_finished(context=context):
             context.metrics.update(extra or {})
         if context.metrics:

@@ -217,10 +217,11 @@ def summary_table(client: MlflowClient, reports: list[dict[str, Any]]) -> pd.Dat
 
 
 def summary_figure(table: pd.DataFrame) -> Figure:
-    """Recall per condition (baseline / treatment / control) for each job of the sweep."""
+    """Recall per condition (baseline / treatment / control ...; extra random controls left out)
+    for each job of the sweep."""
     from framework.plots import plt, sns
 
-    conditions = [c for c in table.columns if c.startswith("recall/")]
+    conditions = [c for c in table.columns if c.startswith("recall/") and not c.startswith("recall/null.")]
     fig, ax = plt.subplots(figsize=(max(6.0, 2.0 * len(table) + 2.5), 5))
     if conditions:  # none when every job failed before its baseline
         long = table.melt(id_vars="name", value_vars=conditions, var_name="condition", value_name="recall")

@@ -1,0 +1,159 @@
+"""The conditions one run evaluates, planned from its config, and the comparisons between them.
+
+Every condition is an :class:`AttentionEdit` evaluated on the same samples as the baseline
+(paired design). A run with an intervention has, by config:
+
+* ``treatment`` and ``control``: the intervention on the detected heads, and its matched random
+  control (``control_seed``);
+* ``dose: {param, values, of_head_dim}``: instead of one treatment/control pair, one pair per
+  dose, labelled ``treatment.<param>_<value>`` / ``control.<param>_<value>``. ``param`` is a
+  parameter of the intervention (e.g. ``n_dims``), or ``heads``: the intervention on the
+  ``value`` highest-scoring heads. With ``of_head_dim: true`` the values are fractions of the
+  model's head_dim (so one config fits 64- and 128-dim heads);
+* ``controls: K``: K more random controls, seeds ``[control_seed, 1..K]`` (for head masks:
+  random head sets matched per layer), whose recalls form the null distribution the
+  treatment's recall is tested against (seed 000's layer-clustered permutation);
+* ``conditions: {label: intervention}``: further interventions on the same heads, each
+  evaluated as the condition ``label`` (e.g. Chiang & Yogatama's first/last-n dims grid).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+
+from framework.attention import AttentionEdit, Head
+from framework.heads import select_heads
+from framework.interfaces import ConfigError, HeadScores, Intervention, LoadedModel, ModelInfo, Sample
+from framework.registry import Registry
+
+BASELINE = "baseline"
+HEADS = "heads"  # the dose parameter that counts heads rather than setting an intervention parameter
+
+
+@dataclass
+class Condition:
+    """One evaluated edit: ``role`` is treatment, control, null (an extra random control) or extra."""
+
+    label: str
+    role: str
+    intervention: str
+    edit: AttentionEdit
+    dose: float | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"role": self.role, "intervention": self.intervention, "dose": self.dose, **self.edit.describe()}
+
+
+@dataclass
+class Plan:
+    """A run's interventions, built and validated before the model loads."""
+
+    intervention: Intervention
+    doses: list[int]
+    dose_param: str | None
+    controls: int
+    extras: dict[str, Intervention]
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any], registry: Registry, info: ModelInfo) -> Plan:
+        intervention = registry.create("intervention", config["intervention"])
+        intervention.validate(info)
+        dose = config.get("dose") or {}
+        dose_param = dose.get("param")
+        doses = _dose_values(dose, info) if is_dosed(config) else []
+        for value in doses:
+            _at_dose(intervention, dose_param, value, info)
+        controls = int(config.get("controls") or 0)
+        if controls < 0:
+            raise ConfigError(f"controls={controls} is impossible: the number of extra random controls is >= 0")
+        extras = {}
+        for label, node in (config.get("conditions") or {}).items():
+            if label in (BASELINE, "treatment", "control") or label.startswith(("treatment.", "control.", "null.")):
+                raise ConfigError(f"condition label {label!r} is reserved; choose another")
+            extras[label] = registry.create("intervention", node)
+            extras[label].validate(info)
+        return cls(intervention, doses, dose_param, controls, extras)
+
+    @property
+    def n_conditions(self) -> int:
+        return 2 * max(1, len(self.doses)) + len(self.extras) + self.controls
+
+    def prepare(self, model: LoadedModel, samples: list[Sample]) -> None:
+        for intervention in (self.intervention, *self.extras.values()):
+            intervention.prepare(model, samples)
+
+    def conditions(self, model: LoadedModel, scores: HeadScores, control_seed: int) -> list[Condition]:
+        """Every condition of the run, in evaluation order (nulls last)."""
+        heads, name = scores.selected, self.intervention.name
+        planned = []
+        if self.doses:
+            for value in self.doses:
+                variant, dosed_heads = _at_dose(self.intervention, self.dose_param, value, model.info, scores)
+                suffix = f".{self.dose_param}_{value}"
+                planned += [
+                    Condition("treatment" + suffix, "treatment", name, variant.treatment(model, dosed_heads), value),
+                    Condition("control" + suffix, "control", name,
+                              variant.control(model, dosed_heads, np.random.default_rng(control_seed)), value),
+                ]
+            reference, heads = _at_dose(self.intervention, self.dose_param, self.doses[-1], model.info, scores)
+        else:
+            reference = self.intervention
+            planned += [
+                Condition("treatment", "treatment", name, reference.treatment(model, heads)),
+                Condition("control", "control", name, reference.control(model, heads, np.random.default_rng(control_seed))),
+            ]
+        planned += [Condition(label, "extra", extra.name, extra.treatment(model, heads)) for label, extra in self.extras.items()]
+        planned += [
+            Condition(f"null.{i}", "null", name, reference.control(model, heads, np.random.default_rng([control_seed, i])))
+            for i in range(1, self.controls + 1)
+        ]
+        return planned
+
+
+def is_dosed(config: Mapping[str, Any]) -> bool:
+    dose = config.get("dose") or {}
+    return bool(dose.get("param") or dose.get("values"))
+
+
+def comparisons(conditions: list[Condition]) -> list[tuple[str, str]]:
+    """Paired comparisons (condition, reference) tested with every stat: each treatment, control
+    and extra condition against the baseline, and each treatment against its own control."""
+    pairs = [(c.label, BASELINE) for c in conditions if c.role in ("treatment", "control", "extra")]
+    pairs += [(c.label, "control" + c.label.removeprefix("treatment")) for c in conditions if c.role == "treatment"]
+    return pairs
+
+
+def _dose_values(dose: Mapping[str, Any], info: ModelInfo) -> list[int]:
+    if not dose.get("param") or not dose.get("values"):
+        raise ConfigError("dose needs a param (an intervention parameter, or 'heads') and a list of values")
+    values = list(dose["values"])
+    if dose.get("of_head_dim"):
+        if not all(0 < v <= 1 for v in values):
+            raise ConfigError(f"dose values {values} must be fractions in (0, 1] of head_dim with of_head_dim: true")
+        values = [int(round(v * info.head_dim)) for v in values]
+    if any(int(v) != v or v < 1 for v in values):
+        raise ConfigError(f"dose values {values} must be positive whole numbers")
+    return sorted({int(v) for v in values})
+
+
+def _at_dose(
+    intervention: Intervention, param: str, value: int, info: ModelInfo, scores: HeadScores | None = None
+) -> tuple[Intervention, list[Head]]:
+    """The intervention and heads at one dose. Without ``scores`` (before detection) only checks."""
+    if param == HEADS:
+        if value > info.n_heads_total:
+            raise ConfigError(f"dose heads={value} is impossible: {info.name} has {info.n_heads_total} heads")
+        return intervention, select_heads(scores.scores, top_k=value) if scores is not None else []
+    if not hasattr(intervention, param):
+        raise ConfigError(
+            f"dose param {param!r} is not a parameter of intervention {intervention.name!r}; "
+            f"use one of its config keys or {HEADS!r}"
+        )
+    variant = copy.copy(intervention)  # keeps what prepare() computed; only the dosed parameter differs
+    setattr(variant, param, value)
+    variant.validate(info)
+    return variant, scores.selected if scores is not None else []
