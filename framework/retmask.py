@@ -60,7 +60,9 @@ def contrast_pairs(
     model: LoadedModel, task: Task, samples: list[Sample], edit: AttentionEdit, batch_size: int = 8
 ) -> list[ContrastPair]:
     """Greedy outputs of ``model`` as it is (chosen) and under ``edit`` (rejected), scored by ``task``."""
+    log.info("contrast data: %d outputs of the model as it is", len(samples))
     chosen = greedy_generate(model, samples, task.max_new_tokens, None, batch_size)
+    log.info("contrast data: %d outputs with the retrieval heads masked", len(samples))
     rejected = greedy_generate(model, samples, task.max_new_tokens, edit, batch_size)
     return [ContrastPair(s, c, r, task.score(s, c), task.score(s, r)) for s, c, r in zip(samples, chosen, rejected)]
 

@@ -10,7 +10,7 @@ drawn afresh for every sample and the model must read it from the context:
 * one context token per pair, ``pair(k, v)``: the key and its value live in the same token, so
   retrieval is one attention hop that matches the query against keys by content, as in the
   paper (two tokens per pair would need a position-based "previous token" step, which a NoPE
-  model cannot learn, and the comparison would no longer be fair);
+  model can only infer indirectly from the causal mask, and the study would compare that);
 * then ``query(k)`` for one of the pairs' keys; the next token to predict is ``value(v)``.
 
 Positions: with ``spread_positions`` the sequence's tokens sit at sorted random distinct
