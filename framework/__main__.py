@@ -51,6 +51,7 @@ def print_result(context: RunContext) -> None:
 def main(cfg: DictConfig) -> None:
     from framework import pipeline, sweep, tracking  # heavy imports after Hydra has parsed the command line
 
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)  # its INFO lines about plot axes are noise in a run's log
     config = OmegaConf.to_container(cfg, resolve=True)
     redo = bool(config.pop(sweep.REDO, False))  # a flag for the sweep, not part of the job's config
     job = sweep.current_job()

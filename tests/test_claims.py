@@ -13,6 +13,7 @@ from framework.claims import causal_heads, dims_grid, lowfreq_dose, norm_utility
 from framework.compare import theta_verdict
 from framework.conditions import Condition
 from framework.interfaces import ConfigError, HeadScores, RunContext
+from framework.statistics import holm
 
 N = 20
 
@@ -95,27 +96,41 @@ def test_norm_utility_without_a_relation_gives_no_direction():
     assert norm_utility(context, table_of(context))[0]["claim/verdict"] == 0.0
 
 
-def dose_run(treatment_correct: list[int]) -> RunContext:
+def dose_run(treatment_correct: list[int], control_correct: list[int] | None = None) -> RunContext:
     outcomes, conditions = {"baseline": np.ones(N)}, []
-    for dose, correct in zip((2, 4, 8), treatment_correct):
+    for i, (dose, correct) in enumerate(zip((2, 4, 8), treatment_correct)):
         conditions += [condition(f"treatment.n_dims_{dose}", "treatment", "zero_lowfreq", dose),
                        condition(f"control.n_dims_{dose}", "control", "zero_lowfreq", dose)]
         outcomes[f"treatment.n_dims_{dose}"] = np.r_[np.ones(correct), np.zeros(N - correct)]
-        outcomes[f"control.n_dims_{dose}"] = np.ones(N)
+        kept = control_correct[i] if control_correct else N
+        outcomes[f"control.n_dims_{dose}"] = np.r_[np.ones(kept), np.zeros(N - kept)]
     context = context_with(outcomes, conditions)
     context.config = {"dose": {"param": "n_dims"}}
     return context
 
 
-def test_lowfreq_dose_needs_a_falling_curve_and_a_difference_at_the_top():
+def test_lowfreq_dose_needs_a_falling_curve_and_a_difference_from_control():
     falling = dose_run([19, 12, 3])
     metrics, figures = lowfreq_dose(falling, table_of(falling))
     assert metrics["claim/verdict"] == 1.0 and "lowfreq_dose.png" in figures
     assert metrics["claim/recall_drop.8"] == pytest.approx(17 / N)
     assert metrics["claim/dose_recall_spearman"] == pytest.approx(-1.0)
-    assert metrics["claim/max_dose_p_value"] == pytest.approx(binomtest(0, 17, 0.5).pvalue)
+    raw = [binomtest(0, lost, 0.5).pvalue for lost in (1, 8, 17)]  # every lost sample is discordant
+    expected = holm(np.array(raw))
+    for dose, p_value in zip((2, 4, 8), expected):
+        assert metrics[f"claim/treatment_vs_control_p_holm.{dose}"] == pytest.approx(p_value)
+    assert metrics["claim/min_p_holm"] == pytest.approx(expected.min())
     flat = dose_run([19, 19, 19])
     assert lowfreq_dose(flat, table_of(flat))[0]["claim/verdict"] == 0.0
+
+
+def test_lowfreq_dose_counts_a_middle_dose_when_random_dims_break_the_top_one():
+    saturated = dose_run([10, 0, 0], control_correct=[20, 20, 0])  # at the top dose both collapse
+    metrics, _ = lowfreq_dose(saturated, table_of(saturated))
+    assert metrics["claim/treatment_vs_control_p_holm.8"] == 1.0
+    assert metrics["claim/verdict"] == 1.0  # dose 4: 0/20 vs 20/20
+    matched = dose_run([10, 0, 0], control_correct=[10, 0, 0])  # random dims hurt as much
+    assert lowfreq_dose(matched, table_of(matched))[0]["claim/verdict"] == 0.0
 
 
 def test_dims_grid_compares_last_with_first_dims():
