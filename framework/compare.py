@@ -95,6 +95,7 @@ def figures(table: pd.DataFrame) -> dict[str, plt.Figure]:
             ax.annotate(f"{row['model']} ({row['heads_selected']:.0f} heads)", (row["rope_theta"], row["heads_fraction"]),
                         textcoords="offset points", xytext=(5, 5))
         ax.set(xscale="log", xlabel="RoPE theta", ylabel="fraction of heads detected", title="Theta vs retrieval heads")
+        ax.margins(x=0.4, y=0.2)  # room for the labels
         fig.tight_layout()
         out["theta_vs_heads.png"] = fig
     dosed = _dose_curves(table)
@@ -102,7 +103,7 @@ def figures(table: pd.DataFrame) -> dict[str, plt.Figure]:
         fig, ax = plt.subplots(figsize=(6, 4))
         sns.lineplot(data=dosed, x="fraction of head_dim", y="recall drop", hue="model", style="condition",
                      marker="o", ax=ax)
-        ax.set(xscale="log", title="Recall drop vs dims zeroed (treatment: lowest frequencies; control: random)")
+        ax.set(xscale="log", title="Recall drop vs query dims zeroed in the retrieval heads")
         fig.tight_layout()
         out["dose_response.png"] = fig
     drops = table.dropna(subset=["recall_drop"])
@@ -124,7 +125,7 @@ def _dose_curves(table: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for _, run in table.iterrows():
         for column, value in run.items():
-            for prefix, condition in (("claim/recall_drop.", "treatment"), ("claim/control_recall_drop.", "control")):
+            for prefix, condition in (("claim/recall_drop.", "lowest frequencies"), ("claim/control_recall_drop.", "random (control)")):
                 if isinstance(column, str) and column.startswith(prefix) and np.isfinite(value):
                     rows.append({"model": run["model"], "condition": condition, "recall drop": value,
                                  "fraction of head_dim": float(column.removeprefix(prefix)) / run["head_dim"]})

@@ -30,7 +30,7 @@ def test_gemma3_head_masking_run(tmp_path):
     client, run = only_run(tmp_path)
     tags, metrics = run.data.tags, run.data.metrics
     assert run.info.status == "FINISHED"
-    assert tags["model.family"] == "gemma3" and float(tags["model.rope_theta"]) == 1e6  # the global layers' base
+    assert tags["model.family"] == "gemma3_text" and float(tags["model.rope_theta"]) == 1e6  # the global layers' base
     assert (tags["model.layers"], tags["model.heads"], tags["model.kv_heads"], tags["model.head_dim"]) == ("18", "4", "1", "256")
 
     artifacts = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / "download")))

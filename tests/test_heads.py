@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from framework.heads import check_selection, random_heads_matched_per_layer, select_heads
+from framework.heads import check_selection, layer_groups_by_type, random_heads_matched_per_layer, select_heads
 from framework.interfaces import ConfigError, ModelInfo
 
 INFO = ModelInfo("m", "llama", n_layers=4, n_heads=6, n_kv_heads=2, head_dim=16, rope_theta=1e4)
@@ -57,3 +57,25 @@ def test_matched_control_impossible_when_a_layer_is_mostly_selected():
     heads = [(0, h) for h in range(4)]
     with pytest.raises(ConfigError, match="layer 0 has 4 selected heads but only 2 others"):
         random_heads_matched_per_layer(heads, 6, np.random.default_rng(0))
+
+
+def test_a_full_layer_draws_its_control_from_the_same_layer_type_only_when_asked():
+    heads = [(0, h) for h in range(4)] + [(1, 0)]  # layer 0 (4 heads) entirely selected
+    with pytest.raises(ConfigError, match="control_fallback=same_type"):
+        random_heads_matched_per_layer(heads, 4, np.random.default_rng(0))
+    groups = [[0, 3], [1, 2]]
+    for seed in range(5):
+        control = random_heads_matched_per_layer(heads, 4, np.random.default_rng(seed), groups)
+        assert sorted(l for l, _ in control) == [1, 3, 3, 3, 3]  # layer 0's 4 from layer 3, its group
+        assert not set(control) & set(heads) and len(set(control)) == 5
+    matched = [(0, 1), (2, 3)]  # no shortfall: the groups change nothing
+    assert random_heads_matched_per_layer(matched, 4, np.random.default_rng(7), groups) == \
+        random_heads_matched_per_layer(matched, 4, np.random.default_rng(7))
+
+
+def test_layer_groups_follow_the_config_layer_types():
+    class Config:
+        layer_types = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
+
+    assert layer_groups_by_type(Config(), 4) == [[0, 2], [1, 3]]
+    assert layer_groups_by_type(object(), 3) == [[0, 1, 2]]

@@ -8,6 +8,10 @@ Modes (``mode``):
 * ``uniform``: the head attends uniformly to every key its causal / sliding-window mask allows
   (Wu et al.'s masking).
 
+Where every head of a layer is selected no head of that layer is left for the control:
+``control_fallback: none`` stops the run and says so; ``same_type`` draws the shortfall from the
+other layers of the same attention type (e.g. Gemma's global layers), and only then.
+
 ``phase`` picks the forward passes masked: ``prefill`` (the prompt), ``decode`` (each generated
 token) or ``both``.
 
@@ -25,7 +29,7 @@ import numpy as np
 
 from framework import hookimpl
 from framework.attention import MASK_MODES, PHASES, AttentionEdit, Head, mean_head_outputs
-from framework.heads import random_heads_matched_per_layer
+from framework.heads import layer_groups_by_type, random_heads_matched_per_layer
 from framework.interfaces import ConfigError, Intervention, LoadedModel
 
 _REFERENCE_SENTENCES = [
@@ -44,14 +48,20 @@ _REFERENCE_SENTENCES = [
 ]
 
 
+CONTROL_FALLBACKS = ("none", "same_type")
+
+
 class HeadMask(Intervention):
-    def __init__(self, mode: str = "zero", phase: str = "both", mean_sequences: int = 8):
+    def __init__(self, mode: str = "zero", phase: str = "both", mean_sequences: int = 8, control_fallback: str = "none"):
         if mode not in MASK_MODES:
             raise ConfigError(f"head_mask mode={mode!r} is unknown; choose one of {', '.join(MASK_MODES)}")
         if phase not in PHASES:
             raise ConfigError(f"head_mask phase={phase!r} is unknown; choose one of {', '.join(PHASES)}")
         if mean_sequences < 1:
             raise ConfigError("head_mask mean_sequences must be at least 1")
+        if control_fallback not in CONTROL_FALLBACKS:
+            raise ConfigError(f"head_mask control_fallback={control_fallback!r} is unknown; choose one of {', '.join(CONTROL_FALLBACKS)}")
+        self.control_fallback = control_fallback
         self.mode = mode
         self.phase = phase
         self.mean_sequences = mean_sequences
@@ -81,7 +91,10 @@ class HeadMask(Intervention):
         return self.mask(model, heads)
 
     def control(self, model: LoadedModel, heads: list[Head], rng: np.random.Generator) -> AttentionEdit:
-        return self.mask(model, random_heads_matched_per_layer(heads, model.info.n_heads, rng))
+        groups = None
+        if self.control_fallback == "same_type":
+            groups = layer_groups_by_type(model.model.config.get_text_config(), model.info.n_layers)
+        return self.mask(model, random_heads_matched_per_layer(heads, model.info.n_heads, rng, groups))
 
 
 @hookimpl
