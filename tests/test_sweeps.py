@@ -19,11 +19,18 @@ TWO_BY_TWO = ["--multirun", "seed=0,2", "+intervention=zero_lowfreq,head_mask",
               "+detector=attn_mass", "detector.threshold=null", "detector.top_k=5", *TINY_GRID]
 
 
+def _ctrl_c_reaches_it() -> None:
+    """A shell ignores SIGINT in the jobs it starts in the background (``pytest ... &``), and a
+    child inherits that; a terminal's Ctrl-C reaches the command, so restore the default."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run_until_interrupted(cwd: Path, *args: str, after: list[str]) -> tuple[int, str]:
     """Run the command and press Ctrl-C (SIGINT to its process group, as a terminal does) once
     its output has shown each of ``after`` in turn."""
     process = subprocess.Popen(command(*args), cwd=cwd, env=environment(), text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                               preexec_fn=_ctrl_c_reaches_it)
     watchdog = threading.Timer(600, process.kill)
     watchdog.start()
     lines, waiting = [], list(after)
