@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from typing import Callable
 
 import hydra
 import numpy as np
@@ -33,6 +34,16 @@ def describe(error: Exception) -> str:
     if run_id is not None:
         message += f"\n(run {run_id} is marked FAILED in MLflow; the traceback is in its error.txt artifact)"
     return message
+
+
+def run_or_exit(run: Callable[[dict], dict[str, float]], cfg: DictConfig) -> dict[str, float]:
+    """Run a one-run command (the training experiments) on its resolved config; a failure ends
+    in one ``error: ...`` line (see :func:`describe`), not a traceback."""
+    try:
+        return run(OmegaConf.to_container(cfg, resolve=True))
+    except Exception as error:
+        log.debug("run failed", exc_info=True)
+        sys.exit(f"error: {describe(error)}")
 
 
 def print_result(context: RunContext) -> None:

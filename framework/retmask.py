@@ -20,7 +20,6 @@ All of it goes to one MLflow run (experiment ``retmask``).
 from __future__ import annotations
 
 import logging
-import sys
 from dataclasses import dataclass
 from typing import Any, Mapping
 
@@ -28,7 +27,7 @@ import hydra
 import mlflow
 import numpy as np
 import pandas as pd
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from framework import tracking
 from framework.attention import AttentionEdit
@@ -206,13 +205,9 @@ def run(config: Mapping[str, Any]) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="retmask")
 def main(cfg: DictConfig) -> None:
-    from framework.__main__ import describe
+    from framework.__main__ import run_or_exit
 
-    try:
-        metrics = run(OmegaConf.to_container(cfg, resolve=True))
-    except Exception as error:
-        log.debug("run failed", exc_info=True)
-        sys.exit(f"error: {describe(error)}")
+    metrics = run_or_exit(run, cfg)
     for key in sorted(metrics):
         if key.startswith(("contrast/", "recall/")) or key.endswith("p_value"):
             print(f"{key} = {metrics[key]:.4g}")

@@ -20,7 +20,6 @@ away from the high-frequency dims, as the paper finds. Everything goes to one ML
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -35,7 +34,7 @@ import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+from omegaconf import DictConfig  # noqa: E402
 
 from framework import tracking  # noqa: E402
 from framework.attention import AttentionEdit, Head  # noqa: E402
@@ -233,13 +232,9 @@ def run(config: Mapping[str, Any]) -> dict[str, float]:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="rope_vs_nope")
 def main(cfg: DictConfig) -> None:
-    from framework.__main__ import describe
+    from framework.__main__ import run_or_exit
 
-    try:
-        metrics = run(OmegaConf.to_container(cfg, resolve=True))
-    except Exception as error:
-        log.debug("run failed", exc_info=True)
-        sys.exit(f"error: {describe(error)}")
+    metrics = run_or_exit(run, cfg)
     for key in sorted(metrics):
         if "/accuracy/" in key or "low_minus_high" in key or key.startswith("verdict/"):
             print(f"{key} = {metrics[key]:.4f}")
