@@ -27,6 +27,7 @@ Detectors and interventions go through this module; none of them patches model i
 from __future__ import annotations
 
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Literal, Sequence, get_args
 
@@ -246,7 +247,11 @@ class _Plan:
         return result
 
 
-_active: _Plan | None = None
+# The plans of the instrumented blocks that are open, by model (see :func:`install`). A context
+# variable, so that threads and asyncio tasks each see their own; keyed by model, so that two
+# models in one process, each inside its own block, never see each other's edits.
+_active: ContextVar[dict[int, _Plan]] = ContextVar("retrieval_heads_active_plans", default={})
+_MODEL_KEY = "_retrieval_heads_model"  # set on every submodule: which model's plan applies
 
 
 def attention_probs(
@@ -350,7 +355,7 @@ def instrumented_attention(
     """The registered attention function: SDPA plus the active plan's edits and captures."""
     scaling = module.head_dim**-0.5 if scaling is None else scaling
     softcap = kwargs.pop("softcap", None)
-    plan = _active
+    plan = _active.get().get(getattr(module, _MODEL_KEY, None))
     edit = plan.layer(module.layer_idx, query) if plan and plan.edit.applies_to(query.shape[2]) else _LayerEdit()
     if edit.query_scale is not None:
         query = query * edit.query_scale
@@ -373,7 +378,11 @@ def instrumented_attention(
 
 
 def install(model: torch.nn.Module) -> None:
-    """Route a model's attention through :func:`instrumented_attention` (idempotent)."""
+    """Route a model's attention through :func:`instrumented_attention` (idempotent), and mark
+    its modules as this model's (a deep copy of a model is marked anew as its own)."""
+    for module in model.modules():
+        if module.__dict__.get(_MODEL_KEY) != id(model):
+            module.__dict__[_MODEL_KEY] = id(model)
     AttentionInterface.register(ATTN_IMPLEMENTATION, instrumented_attention)
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
     if model.config._attn_implementation != ATTN_IMPLEMENTATION:
@@ -396,13 +405,12 @@ def instrumented(
     with (the tensors themselves: detach or reduce them, and mind that a prefill's are
     O(length) per layer).
     """
-    global _active
     install(model)
-    previous, _active = _active, _Plan(edit, capture, head_outputs, inputs)
+    token = _active.set({**_active.get(), id(model): _Plan(edit, capture, head_outputs, inputs)})
     try:
         yield
     finally:
-        _active = previous
+        _active.reset(token)
 
 
 def mean_head_outputs(

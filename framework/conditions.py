@@ -25,27 +25,13 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from framework.attention import AttentionEdit, Head
+from framework.attention import Head
 from framework.heads import select_heads
-from framework.interfaces import ConfigError, HeadScores, Intervention, LoadedModel, ModelInfo, Sample
+from framework.interfaces import Condition, ConfigError, HeadScores, Intervention, LoadedModel, ModelInfo, Sample
 from framework.registry import Registry
 
 BASELINE = "baseline"
 HEADS = "heads"  # the dose parameter that counts heads rather than setting an intervention parameter
-
-
-@dataclass
-class Condition:
-    """One evaluated edit: ``role`` is treatment, control, null (an extra random control) or extra."""
-
-    label: str
-    role: str
-    intervention: str
-    edit: AttentionEdit
-    dose: float | None = None
-
-    def describe(self) -> dict[str, Any]:
-        return {"role": self.role, "intervention": self.intervention, "dose": self.dose, **self.edit.describe()}
 
 
 @dataclass

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal
 
 import numpy as np
 
 from framework.attention import AttentionEdit, Head
-
-if TYPE_CHECKING:
-    from framework.conditions import Condition
 
 Split = Literal["detect", "eval"]
 
@@ -84,6 +81,20 @@ class HeadScores:
     scores: np.ndarray  # [n_layers, n_heads]
     selected: list[Head]
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Condition:
+    """One evaluated edit: ``role`` is treatment, control, null (an extra random control) or extra."""
+
+    label: str
+    role: str
+    intervention: str
+    edit: AttentionEdit
+    dose: float | None = None
+
+    def describe(self) -> dict[str, Any]:
+        return {"role": self.role, "intervention": self.intervention, "dose": self.dose, **self.edit.describe()}
 
 
 @dataclass

@@ -21,10 +21,9 @@ from scipy.stats import spearmanr
 
 from framework import plots, tracking
 from framework.attention import AttentionEdit
-from framework.claims import CLAIMS, check_claim
-from framework.conditions import BASELINE, Condition, Plan, comparisons, is_dosed
+from framework.conditions import BASELINE, Plan, comparisons, is_dosed
 from framework.generation import greedy_generate
-from framework.interfaces import ConfigError, HeadScores, LoadedModel, RunContext, Sample, Task
+from framework.interfaces import Condition, ConfigError, HeadScores, LoadedModel, RunContext, Sample, Task
 from framework.models import load_model, model_info
 from framework.registry import get_registry
 from framework.statistics import benjamini_hochberg, holm, null_p_value
@@ -153,7 +152,10 @@ def run(
     detector = registry.create("detector", config["detector"]) if config.get("detector") else None
     extra_detectors = {key: registry.create("detector", node) for key, node in (config.get("detectors") or {}).items()}
     stats = {key: registry.create("stats", node) for key, node in (config.get("stats") or {}).items()}
-    check_claim(config.get("claim"))
+    if config.get("claim"):  # verdicts are analysis, outside the core: imported only by runs that log one
+        from framework.analysis.claims import check_claim
+
+        check_claim(config["claim"])
     if detector is None and (config.get("intervention") or extra_detectors):
         needs = (f"intervention {config['intervention']['name']!r} needs heads to act on" if config.get("intervention")
                  else "extra detectors are compared with a main detector")
@@ -225,6 +227,8 @@ def run(
         context.metrics.update(_test_comparisons(context, stats, comparisons(context.conditions)))
         context.metrics.update(_null_metrics(context))
         if config.get("claim"):
+            from framework.analysis.claims import CLAIMS
+
             claim_metrics, figures = CLAIMS[config["claim"]](context, table)
             context.metrics.update(claim_metrics)
             for name, figure in figures.items():

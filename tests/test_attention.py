@@ -97,14 +97,68 @@ def test_boolean_query_scale_keeps_the_true_dims(llama):
         torch.testing.assert_close(b, c, atol=0, rtol=0)
 
 
+def _active_edit(model):
+    plan = attention._active.get().get(id(model))
+    return None if plan is None else plan.edit
+
+
 def test_instrumented_blocks_nest_and_restore(llama):
     inner, outer = AttentionEdit.mask_heads([(0, 0)]), AttentionEdit.mask_heads([(1, 1)])
     with instrumented(llama.model, outer):
         with instrumented(llama.model, inner):
-            assert attention._active.edit is inner
-        assert attention._active.edit is outer
-    assert attention._active is None
+            assert _active_edit(llama.model) is inner
+        assert _active_edit(llama.model) is outer
+    assert _active_edit(llama.model) is None
     assert llama.model.config._attn_implementation == attention.ATTN_IMPLEMENTATION  # never eager
+
+
+def _last_logits(model, input_ids):
+    with torch.no_grad():
+        return model(input_ids=input_ids).logits[:, -1]
+
+
+def test_two_models_in_one_process_keep_their_own_edits(llama):
+    """Each model sees only the edit of its own block, also when the blocks nest, and a deep
+    copy of a model is a model of its own."""
+    import copy
+
+    other = copy.deepcopy(llama.model)
+    input_ids = ids()
+    plain = _last_logits(llama.model, input_ids)
+    masked_alone = None
+    with instrumented(llama.model, AttentionEdit.mask_heads([(l, h) for l in range(3) for h in range(4)])):
+        masked_alone = _last_logits(llama.model, input_ids)
+    assert not torch.allclose(masked_alone, plain)  # the edit is strong enough to be seen
+
+    with instrumented(llama.model, AttentionEdit.mask_heads([(l, h) for l in range(3) for h in range(4)])):
+        with instrumented(other, AttentionEdit()):  # the copy, unedited, inside the original's block
+            torch.testing.assert_close(_last_logits(other, input_ids), plain, atol=0, rtol=0)
+            torch.testing.assert_close(_last_logits(llama.model, input_ids), masked_alone, atol=0, rtol=0)
+        torch.testing.assert_close(_last_logits(other, input_ids), plain, atol=0, rtol=0)  # outside its own block
+
+
+def test_threads_do_not_share_instrumented_blocks(llama):
+    """A block open in one thread does not edit the same model's passes in another thread."""
+    import threading
+
+    input_ids = ids()
+    plain = _last_logits(llama.model, input_ids)
+    entered, release, seen = threading.Event(), threading.Event(), {}
+
+    def hold_block_open():
+        with instrumented(llama.model, AttentionEdit.mask_heads([(l, h) for l in range(3) for h in range(4)])):
+            seen["inside"] = _last_logits(llama.model, input_ids)
+            entered.set()
+            release.wait(timeout=30)
+
+    worker = threading.Thread(target=hold_block_open)
+    worker.start()
+    assert entered.wait(timeout=30)
+    seen["other thread"] = _last_logits(llama.model, input_ids)
+    release.set()
+    worker.join()
+    assert not torch.allclose(seen["inside"], plain)
+    torch.testing.assert_close(seen["other thread"], plain, atol=0, rtol=0)
 
 
 # --- phases ---------------------------------------------------------------------------------------

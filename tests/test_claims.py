@@ -9,9 +9,9 @@ import pytest
 from scipy.stats import binomtest, spearmanr, ttest_1samp
 
 from framework.attention import AttentionEdit
-from framework.claims import causal_heads, dims_grid, lowfreq_dose, norm_utility
-from framework.compare import theta_verdict
-from framework.conditions import Condition
+from framework.analysis.claims import causal_heads, dims_grid, lowfreq_dose, norm_utility
+from framework.analysis.compare import theta_verdict
+from framework.interfaces import Condition
 from framework.interfaces import ConfigError, HeadScores, RunContext
 from framework.statistics import holm
 

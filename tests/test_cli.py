@@ -134,7 +134,7 @@ def test_a_failing_run_is_marked_failed_and_keeps_what_it_logged(tmp_path, embed
 def test_compare_reads_runs_back_and_logs_a_comparison_run(default_run):
     folder, _ = default_run
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
-    result = subprocess.run([sys.executable, "-m", "framework.compare", "--out", "compared"], cwd=folder, env=env,
+    result = subprocess.run([sys.executable, "-m", "framework.analysis.compare", "--out", "compared"], cwd=folder, env=env,
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     client, run = only_run(folder)

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from scipy.stats import spearmanr
 
-from framework.claims import CLAIMS
+from framework.analysis.claims import CLAIMS
 from framework.conditions import Plan
 from framework.models import model_info
 from framework.registry import get_registry

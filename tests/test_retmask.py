@@ -16,8 +16,8 @@ from conftest import CONFIG_DIR, tiny_llama
 from framework.attention import AttentionEdit, instrumented
 from framework.interfaces import ConfigError, LoadedModel
 from framework.registry import get_registry
-from framework.retmask import contrast_pairs, preference_triples, run
-from framework.training import dpo_loss, reference_logprobs, response_logprob, train_dpo
+from framework.studies.retmask import contrast_pairs, preference_triples, run
+from framework.studies.training import dpo_loss, reference_logprobs, response_logprob, train_dpo
 from framework_cli import environment, local_store
 from framework_cli import run as run_command
 from plugins.tasks.passkey import Passkey
@@ -149,7 +149,7 @@ def test_impossible_settings_are_refused_before_any_run(tmp_path, monkeypatch, o
 
 @pytest.mark.e2e
 def test_command_builds_contrast_data_trains_and_compares(tmp_path, embedded_model):
-    result = run_command(tmp_path, *TINY_COMMAND, module="framework.retmask", env=environment())
+    result = run_command(tmp_path, *TINY_COMMAND, module="framework.studies.retmask", env=environment())
     assert result.returncode == 0, result.stderr[-3000:]
     client = local_store(tmp_path)
     [run_] = client.search_runs([client.get_experiment_by_name("retmask").experiment_id])

@@ -14,11 +14,11 @@ from conftest import CONFIG_DIR
 from framework.attention import AttentionInputs, instrumented
 from framework.interfaces import ConfigError
 from framework.models import prepare
-from framework.positional import NoRotaryEmbedding, remove_rope, uses_rope
+from framework.studies.positional import NoRotaryEmbedding, remove_rope, uses_rope
 from framework.rope import model_inv_freq
-from framework.rope_vs_nope import VariantResult, check, pair_profile
-from framework.synthetic_kv import KVTask, build_model, retrieval_accuracy, retrieval_loss
-from framework.training import fit
+from framework.studies.rope_vs_nope import VariantResult, check, pair_profile
+from framework.studies.synthetic_kv import KVTask, build_model, retrieval_accuracy, retrieval_loss
+from framework.studies.training import fit
 from framework_cli import environment, local_store, run
 
 TASK = KVTask(n_keys=16, n_values=4, pairs_per_sample=6, max_position=256)
@@ -141,7 +141,7 @@ def test_config_errors_name_what_and_why():
 
 
 def test_command_trains_both_variants_and_logs_the_comparison(tmp_path):
-    result = run(tmp_path, *TINY_COMMAND, module="framework.rope_vs_nope", env=environment())
+    result = run(tmp_path, *TINY_COMMAND, module="framework.studies.rope_vs_nope", env=environment())
     assert result.returncode == 0, result.stderr[-3000:]
     assert "verdict/utility_gap_rope_minus_nope" in result.stdout
     client = local_store(tmp_path)

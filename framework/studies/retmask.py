@@ -1,4 +1,4 @@
-"""RetMask (seed 001) on the embedded model: ``python -m framework.retmask``.
+"""RetMask (seed 001) on the embedded model: ``python -m framework.studies.retmask``.
 
 1. **Detect** retrieval heads with a detector plugin on detection samples of the task.
 2. **Contrast data**: for training prompts of the task, the model's greedy output is the
@@ -7,7 +7,7 @@
    logged as ``contrast/pairs.json`` with its size and the share of prompts where the two differ.
 3. **Evaluate before**: recall on held-out samples of the retrieval task and of the control task
    (``control_task``, default ``closed_book``: no long-range retrieval).
-4. **DPO** on the prompts whose two outputs differ (:mod:`framework.training`), updating all
+4. **DPO** on the prompts whose two outputs differ (:mod:`framework.studies.training`), updating all
    weights or only the attention projections, the reference being the model before training.
 5. **Evaluate after** on the same held-out samples, and compare after vs before per task with the
    paired statistics plugins (``stats`` group). RetMask's claim: long-context gains without a
@@ -35,7 +35,7 @@ from framework.generation import greedy_generate
 from framework.interfaces import ConfigError, LoadedModel, Sample, Task
 from framework.models import load_model, model_info
 from framework.registry import get_registry
-from framework.training import UPDATES, Triple, train_dpo
+from framework.studies.training import UPDATES, Triple, train_dpo
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ def run(config: Mapping[str, Any]) -> dict[str, float]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="retmask")
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="retmask")
 def main(cfg: DictConfig) -> None:
     from framework.__main__ import run_or_exit
 

@@ -20,7 +20,7 @@ Batches carry an explicit all-ones attention mask: without it transformers reads
 ``position_ids`` as boundaries between packed sequences and would cut the attention there.
 
 The model is transformers' own :class:`LlamaForCausalLM` (RoPE as in LLaMA); the NoPE twin is
-the same model after :func:`framework.positional.remove_rope`.
+the same model after :func:`framework.studies.positional.remove_rope`.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from framework.attention import AttentionEdit, instrumented
 from framework.interfaces import ConfigError, Sample
-from framework.positional import remove_rope
+from framework.studies.positional import remove_rope
 
 
 @dataclass

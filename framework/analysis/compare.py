@@ -1,4 +1,4 @@
-"""Compare finished runs across model families: ``python -m framework.compare``.
+"""Compare finished runs across model families: ``python -m framework.analysis.compare``.
 
 Reads runs from the MLflow store (filtered by experiment and an MLflow filter string), builds one
 row per run (model, family, RoPE theta, heads detected, recall per condition, recall drop with a
@@ -155,7 +155,7 @@ def theta_verdict(table: pd.DataFrame) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m framework.compare", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m framework.analysis.compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("--experiment", nargs="+", default=["retrieval-heads"], help="MLflow experiments to read")
     parser.add_argument("--filter", default="", help="MLflow filter, e.g. \"tags.intervention = 'head_mask'\"")
     parser.add_argument("--log-to", default="comparisons", help="experiment the comparison run is logged under")

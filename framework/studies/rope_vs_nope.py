@@ -1,8 +1,8 @@
-"""Chiang & Yogatama (2025, Sec. 4) controlled study: ``python -m framework.rope_vs_nope``.
+"""Chiang & Yogatama (2025, Sec. 4) controlled study: ``python -m framework.studies.rope_vs_nope``.
 
 The same small Llama (same initial weights, same training batches) is trained from scratch on
-synthetic key-value retrieval (:mod:`framework.synthetic_kv`) twice: with RoPE and with NoPE
-(:func:`framework.positional.remove_rope`). For both models the run measures
+synthetic key-value retrieval (:mod:`framework.studies.synthetic_kv`) twice: with RoPE and with NoPE
+(:func:`framework.studies.positional.remove_rope`). For both models the run measures
 
 * retrieval accuracy on held-out samples, at the training positions and at contiguous ones,
   and with the highest- or the lowest-frequency quarter of every head's query pairs zeroed
@@ -42,8 +42,8 @@ from framework.interfaces import ConfigError, LoadedModel  # noqa: E402
 from framework.models import info_from_config, prepare, resolve_device  # noqa: E402
 from framework.registry import get_registry  # noqa: E402
 from framework.rope import highest_frequency_dims, lowest_frequency_dims  # noqa: E402
-from framework.synthetic_kv import KVTask, build_model, retrieval_accuracy, retrieval_loss  # noqa: E402
-from framework.training import fit  # noqa: E402
+from framework.studies.synthetic_kv import KVTask, build_model, retrieval_accuracy, retrieval_loss  # noqa: E402
+from framework.studies.training import fit  # noqa: E402
 from plugins.detectors.qnorm import query_row_norms  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -230,7 +230,7 @@ def run(config: Mapping[str, Any]) -> dict[str, float]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path="../conf", config_name="rope_vs_nope")
+@hydra.main(version_base="1.3", config_path="../../conf", config_name="rope_vs_nope")
 def main(cfg: DictConfig) -> None:
     from framework.__main__ import run_or_exit
 

@@ -4,7 +4,7 @@ the paper shows.
 An experiment config (``conf/experiment/``) names its claim with ``claim: <name>``; the run then
 logs ``claim/...`` metrics, among them ``claim/verdict``, and ``claim/<name>.png``. Verdicts test
 at ``ALPHA``. Claim 2 (theta vs head count) needs several models: its per-run part logs the head
-count and theta, and ``python -m framework.compare`` gives the verdict across runs.
+count and theta, and ``python -m framework.analysis.compare`` gives the verdict across runs.
 """
 
 from __future__ import annotations
