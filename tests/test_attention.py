@@ -170,7 +170,7 @@ def prefill_then_step(model, prefill_edit, step_edit):
         with instrumented(model, prefill_edit):
             prefill = model(input_ids=ids(), use_cache=True)
         with instrumented(model, step_edit):
-            step = model(input_ids=ids(1, seed=9), past_key_values=prefill.past_key_values)
+            step = model(input_ids=ids(1, seed=9), cache=prefill.cache)
     return prefill.logits, step.logits
 
 

@@ -96,9 +96,9 @@ def test_decode_capture_equals_eager_rows(llama):
     for phase, expected_shapes in [("decode", {(1, 4, 1, 22), (1, 4, 1, 23)}), ("prefill", {(1, 4, 2, 21)})]:
         seen.clear()
         with torch.no_grad(), instrumented(llama.model, capture=RowCapture(torch.tensor([0, 5]), lambda l, p: seen.append(p), phase)):
-            cache = llama.model(input_ids=torch.tensor([prompt]), use_cache=True).past_key_values
+            cache = llama.model(input_ids=torch.tensor([prompt]), use_cache=True).cache
             for token in tokens[:2]:
-                cache = llama.model(input_ids=torch.tensor([[token]]), past_key_values=cache).past_key_values
+                cache = llama.model(input_ids=torch.tensor([[token]]), cache=cache).cache
         assert {tuple(p.shape) for p in seen} == expected_shapes
 
 

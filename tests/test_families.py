@@ -241,7 +241,7 @@ def test_uniform_decode_step_by_hand(name):
             clean = model(input_ids=ids, use_cache=True)
             with instrumented(model, edit):
                 prefill = model(input_ids=ids, use_cache=True)
-                model(input_ids=tokens(1, seed=5), past_key_values=prefill.past_key_values)
+                model(input_ids=tokens(1, seed=5), cache=prefill.cache)
     finally:
         for recorder in probe:
             recorder.close()

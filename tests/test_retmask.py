@@ -106,7 +106,7 @@ def greedy_by_hand(model: LoadedModel, ids: list[int], max_new_tokens: int, edit
             if token in stop:
                 break
             tokens.append(token)
-            out = model.model(input_ids=torch.tensor([[token]]), past_key_values=out.past_key_values, use_cache=True)
+            out = model.model(input_ids=torch.tensor([[token]]), cache=out.cache, use_cache=True)
     return model.tokenizer.decode(tokens, skip_special_tokens=True)
 
 

@@ -84,10 +84,10 @@ def greedy_top1(model: LoadedModel, input_ids: Sequence[int], max_new_tokens: in
     capture = RowCapture(torch.zeros(1, dtype=torch.long), sink, phase="decode")
     with torch.inference_mode(), instrumented(model.model, capture=capture):
         prefill = model.model(input_ids=torch.tensor([list(input_ids[:-1])], device=model.device), use_cache=True, logits_to_keep=1)
-        cache, token = prefill.past_key_values, input_ids[-1]
+        cache, token = prefill.cache, input_ids[-1]
         for _ in range(max_new_tokens):
-            out = model.model(input_ids=torch.tensor([[token]], device=model.device), past_key_values=cache, use_cache=True)
-            cache, token = out.past_key_values, int(out.logits[0, -1].argmax())
+            out = model.model(input_ids=torch.tensor([[token]], device=model.device), cache=cache, use_cache=True)
+            cache, token = out.cache, int(out.logits[0, -1].argmax())
             tokens.append(token)
             steps.append(top1.cpu().numpy().copy())
             if token in stop:
