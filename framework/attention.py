@@ -16,16 +16,20 @@ Inside one it can
   callback, so that per-head problems such as Chiang & Yogatama's utility mask can be solved
   on captured tensors without running the model again (:class:`AttentionInputs`),
 * hand every layer's per-head outputs to a callback (what ``o_proj`` reads), e.g. to average
-  them for mean-ablation (:func:`mean_head_outputs`).
+  them for mean-ablation (:func:`mean_head_outputs`),
+* apply new kinds of edit: a :class:`HeadEdit` subclass changes a head's query, keys, attention
+  pattern (an additive logit bias) or output; head masks and query scaling are such subclasses.
 
-No edit builds a heads x length^2 matrix: uniform attention is a zeroed query (every allowed
-key then scores 0, so softmax is exactly uniform over the causal / sliding-window mask), and
-only logit soft-capping (Gemma-2), which SDPA lacks, takes a manual path chunked over query rows.
+No built-in edit builds a heads x length^2 matrix: uniform attention is a zeroed query (every
+allowed key then scores 0, so softmax is exactly uniform over the causal / sliding-window mask),
+and only logit soft-capping (Gemma-2), which SDPA lacks, and edits' logit biases take a manual
+path chunked over query rows.
 Detectors and interventions go through this module; none of them patches model internals.
 """
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
@@ -47,6 +51,153 @@ ATTN_IMPLEMENTATION = "retrieval_heads"
 _ROW_CHUNK = 256
 
 
+class HeadEdit(ABC):
+    """One kind of attention edit on some heads: the extension point for new kinds of edit.
+
+    A subclass overrides any of the hooks below; inside an :func:`instrumented` block each hook
+    receives one layer's tensors and returns them, edited for its own heads only. Head masks
+    (:class:`HeadMasking`) and query scaling, e.g. zeroed RoPE dimensions (:class:`QueryScaling`),
+    are ordinary subclasses. Hooks run in the passes the enclosing :class:`AttentionEdit`'s
+    ``phase`` selects, in the order of its parts; tensors are on the model's device and dtype, and
+    gradients flow through them.
+
+    * :meth:`query`: query [batch, heads, q_len, head_dim] after RoPE and QK-norm;
+    * :meth:`key`: key [batch, kv_heads, k_len, head_dim] after RoPE, cached keys included; under
+      GQA one KV head serves ``heads // kv_heads`` query heads, so a key edit acts on all of them;
+    * :meth:`bias`: an additive bias on a head's attention logits (after scaling and soft-capping),
+      i.e. a new attention pattern; layers where an edit returns one take the chunked manual path
+      (memory O(chunk x length)), and captured rows include the bias;
+    * :meth:`output`: the attention output [batch, q_len, heads, head_dim], what ``o_proj`` reads.
+    """
+
+    @property
+    @abstractmethod
+    def heads(self) -> list[Head]:
+        """Every (layer, head) this edit changes."""
+
+    def layer_heads(self, layer: int) -> list[int]:
+        """The heads of ``layer`` this edit changes."""
+        return sorted(h for l, h in self.heads if l == layer)
+
+    def query(self, layer: int, query: torch.Tensor) -> torch.Tensor:
+        return query
+
+    def key(self, layer: int, key: torch.Tensor) -> torch.Tensor:
+        return key
+
+    def bias(self, layer: int, rows: torch.Tensor, key_length: int) -> torch.Tensor | None:
+        """Additive logit bias for query ``rows`` of this pass, broadcastable to
+        [batch, heads, len(rows), key_length] (0 leaves a head as it is; -inf removes a key), or
+        None where this layer's pattern is unchanged."""
+        return None
+
+    def output(self, layer: int, output: torch.Tensor) -> torch.Tensor:
+        return output
+
+    def describe(self) -> dict[str, Any]:
+        """JSON-ready description, merged into :meth:`AttentionEdit.describe` (logged per condition)."""
+        return {type(self).__name__: [f"{layer}.{head}" for layer, head in self.heads]}
+
+
+def per_head(layer: int, like: torch.Tensor, values: dict[int, Vector | float], default: float) -> torch.Tensor:
+    """[heads, head_dim] on ``like``'s device and dtype: ``values[head]`` (a ``head_dim`` vector or a
+    number) where given, else ``default``; ``like`` is a query [batch, heads, q_len, head_dim]."""
+    n_heads, head_dim = like.shape[1], like.shape[3]
+
+    def vector(value: Vector | float) -> torch.Tensor:
+        if not isinstance(value, torch.Tensor):
+            value = torch.as_tensor(np.asarray(value), device=like.device)
+        if value.dim() and value.shape != (head_dim,):
+            raise ValueError(f"layer {layer}: per-head vectors need shape ({head_dim},), got {tuple(value.shape)}")
+        return value.to(device=like.device, dtype=like.dtype).expand(head_dim)
+
+    return torch.stack([vector(values.get(h, default)) for h in range(n_heads)])
+
+
+class _LayerCache:
+    """Per-layer tensors of an edit, built on first use; ones that need gradients are rebuilt on
+    every call, so that each forward pass gets its own autograd graph."""
+
+    def __init__(self) -> None:
+        self._tensors: dict[int, Any] = {}
+
+    def get(self, layer: int, build: Callable[[], Any]) -> Any:
+        if layer in self._tensors:
+            return self._tensors[layer]
+        built = build()
+        if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in (built if isinstance(built, tuple) else (built,))):
+            self._tensors[layer] = built
+        return built
+
+
+class QueryScaling(HeadEdit):
+    """Multiply each listed head's query (after RoPE and QK-norm) dimension by dimension: 0
+    removes a dimension from q.k, a boolean vector keeps the True dims; a torch tensor with
+    ``requires_grad`` receives gradients. :mod:`framework.rope` maps RoPE pairs to such vectors."""
+
+    def __init__(self, scales: dict[Head, Vector]):
+        self.scales = scales
+        self._cache = _LayerCache()
+
+    @property
+    def heads(self) -> list[Head]:
+        return sorted(self.scales)
+
+    def query(self, layer: int, query: torch.Tensor) -> torch.Tensor:
+        def build() -> torch.Tensor | None:
+            values = {h: s for (l, h), s in self.scales.items() if l == layer}
+            return per_head(layer, query, values, 1.0)[None, :, None, :] if values else None
+
+        scale = self._cache.get(layer, build)
+        return query if scale is None else query * scale
+
+    def describe(self) -> dict[str, Any]:
+        return {"query_dims": {f"{layer}.{head}": np.flatnonzero(_numpy(scale) != 1).tolist()
+                               for (layer, head), scale in sorted(self.scales.items())}}
+
+
+class HeadMasking(HeadEdit):
+    """Mask heads (see :data:`MaskMode`): ``zero`` and ``mean`` replace the head's output (by 0 or
+    by ``mean_outputs[head]``); ``uniform`` zeroes its query, so every key its mask allows scores
+    0 and softmax is exactly uniform over them."""
+
+    def __init__(self, modes: dict[Head, MaskMode], mean_outputs: dict[Head, Vector] | None = None):
+        self.modes, self.mean_outputs = modes, mean_outputs or {}
+        self._queries, self._outputs = _LayerCache(), _LayerCache()
+
+    @property
+    def heads(self) -> list[Head]:
+        return sorted(self.modes)
+
+    def _in_layer(self, layer: int, modes: tuple[str, ...]) -> list[int]:
+        return [h for (l, h), m in self.modes.items() if l == layer and m in modes]
+
+    def query(self, layer: int, query: torch.Tensor) -> torch.Tensor:
+        def build() -> torch.Tensor | None:
+            uniform = self._in_layer(layer, ("uniform",))
+            return per_head(layer, query, dict.fromkeys(uniform, 0.0), 1.0)[None, :, None, :] if uniform else None
+
+        scale = self._queries.get(layer, build)
+        return query if scale is None else query * scale
+
+    def output(self, layer: int, output: torch.Tensor) -> torch.Tensor:
+        def build() -> tuple[torch.Tensor, torch.Tensor] | None:
+            replaced = self._in_layer(layer, ("zero", "mean"))
+            if not replaced:
+                return None
+            like = output.transpose(1, 2)  # [batch, heads, q_len, head_dim]
+            mask = torch.zeros(like.shape[1], 1, dtype=torch.bool, device=output.device)
+            mask[replaced] = True
+            means = {h: self.mean_outputs[(layer, h)] for h in self._in_layer(layer, ("mean",))}
+            return mask, per_head(layer, like, means, 0.0)
+
+        replaced = self._outputs.get(layer, build)
+        return output if replaced is None else torch.where(replaced[0], replaced[1], output)
+
+    def describe(self) -> dict[str, Any]:
+        return {"head_masks": {f"{layer}.{head}": mode for (layer, head), mode in sorted(self.modes.items())}}
+
+
 @dataclass
 class AttentionEdit:
     """A set of per-head edits applied together, in the forward passes that ``phase`` selects.
@@ -55,12 +206,10 @@ class AttentionEdit:
       nothing to its layer), ``"mean"`` (its output is replaced by ``mean_outputs[head]``, a
       ``head_dim`` vector, see :func:`mean_head_outputs`) or ``"uniform"`` (its attention is
       uniform over the keys the causal / sliding-window mask allows: Wu et al.'s masking, done
-      by zeroing the query so that every allowed score is 0).
+      by zeroing the query so that every allowed score is 0). Applied as a :class:`HeadMasking`.
     * ``query_scale[(layer, head)]`` multiplies that head's query (after RoPE and QK-norm)
-      dimension by dimension: length ``head_dim``; 0 removes a dimension from q.k; a boolean
-      vector keeps the True dimensions; a torch tensor with ``requires_grad`` receives gradients
-      through instrumented forward passes. :mod:`framework.rope` maps RoPE frequency pairs or
-      raw dimension indices to such vectors.
+      dimension by dimension: length ``head_dim``; applied as a :class:`QueryScaling`.
+    * ``parts``: further edits of any kind (:class:`HeadEdit` subclasses), applied after those two.
     * ``phase``: ``"prefill"`` edits passes with more than one query position, ``"decode"`` the
       one-token steps of generation, ``"both"`` every pass.
     """
@@ -69,6 +218,7 @@ class AttentionEdit:
     mean_outputs: dict[Head, Vector] = field(default_factory=dict)
     query_scale: dict[Head, Vector] = field(default_factory=dict)
     phase: Phase = "both"
+    parts: list[HeadEdit] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.phase not in PHASES:
@@ -78,6 +228,9 @@ class AttentionEdit:
                 raise ValueError(f"head {head}: mask mode {mode!r} is unknown; choose one of {MASK_MODES}")
             if mode == "mean" and head not in self.mean_outputs:
                 raise ValueError(f"head {head} is mean-ablated but has no mean output (see mean_head_outputs)")
+        for part in self.parts:
+            if not isinstance(part, HeadEdit):
+                raise TypeError(f"AttentionEdit parts must be HeadEdit instances, got {part!r}")
 
     @classmethod
     def mask_heads(
@@ -102,25 +255,33 @@ class AttentionEdit:
             scales[head][np.asarray(dims, dtype=int)] = 0.0
         return cls(query_scale=scales, phase=phase)
 
+    def compiled(self) -> list[HeadEdit]:
+        """Every part in the order applied; head masks and query scales as fresh parts, so each
+        :func:`instrumented` block builds its per-layer tensors anew."""
+        built: list[HeadEdit] = []
+        if self.query_scale:
+            built.append(QueryScaling(self.query_scale))
+        if self.head_masks:
+            built.append(HeadMasking(self.head_masks, self.mean_outputs))
+        return built + list(self.parts)
+
     @property
     def heads(self) -> list[Head]:
-        """Every head this edit touches (masked, or with query dims scaled)."""
-        return sorted(set(self.head_masks) | set(self.query_scale))
+        """Every head this edit touches (masked, query dims scaled, or changed by a part)."""
+        return sorted(set(self.head_masks) | set(self.query_scale) | {h for p in self.parts for h in p.heads})
 
     def applies_to(self, query_length: int) -> bool:
         """Whether a forward pass with this many query positions is edited (see ``phase``)."""
         return _phase_applies(self.phase, query_length)
 
     def describe(self) -> dict[str, Any]:
-        """JSON-ready description: phase, mask mode per head, per head the query dims scaled."""
-        return {
-            "phase": self.phase,
-            "head_masks": {f"{layer}.{head}": mode for (layer, head), mode in sorted(self.head_masks.items())},
-            "query_dims": {
-                f"{layer}.{head}": np.flatnonzero(_numpy(scale) != 1).tolist()
-                for (layer, head), scale in sorted(self.query_scale.items())
-            },
-        }
+        """JSON-ready description: phase, mask mode per head, per head the query dims scaled,
+        and what each further part describes."""
+        described = {"phase": self.phase, **HeadMasking(self.head_masks).describe(),
+                     **QueryScaling(self.query_scale).describe()}
+        for part in self.parts:
+            described.update(part.describe())
+        return described
 
 
 def _phase_applies(phase: Phase, query_length: int) -> bool:
@@ -185,18 +346,8 @@ OutputSink = Callable[[int, torch.Tensor], None]  # (layer, output [batch, q_len
 InputSink = Callable[[int, AttentionInputs], None]  # (layer, what its attention computes with)
 
 
-@dataclass
-class _LayerEdit:
-    """One layer's part of an edit, as tensors on the model's device and dtype."""
-
-    query_scale: torch.Tensor | None = None  # [1, heads, 1, head_dim]
-    replaced: torch.Tensor | None = None  # bool [heads, 1]: output replaced by ``fill``
-    fill: torch.Tensor | None = None  # [heads, head_dim]: zeros or mean outputs
-
-
 class _Plan:
-    """An edit compiled per layer, lazily, on first use. Layers whose tensors need gradients are
-    rebuilt on every call, so that each forward pass gets its own autograd graph."""
+    """What one :func:`instrumented` block applies: the edit's parts and the callbacks."""
 
     def __init__(
         self,
@@ -206,45 +357,13 @@ class _Plan:
         inputs: InputSink | None = None,
     ):
         self.edit = edit or AttentionEdit()
+        self.parts = self.edit.compiled()
         self.capture = capture
         self.head_outputs = head_outputs
         self.inputs = inputs
-        self._layers: dict[int, _LayerEdit] = {}
 
-    def layer(self, layer: int, query: torch.Tensor) -> _LayerEdit:
-        if layer in self._layers:
-            return self._layers[layer]
-        compiled = self._compile(layer, query)
-        if not any(t is not None and t.requires_grad for t in (compiled.query_scale, compiled.fill)):
-            self._layers[layer] = compiled
-        return compiled
-
-    def _compile(self, layer: int, like: torch.Tensor) -> _LayerEdit:
-        n_heads, head_dim = like.shape[1], like.shape[3]
-
-        def vector(value: Vector | float) -> torch.Tensor:
-            if not isinstance(value, torch.Tensor):
-                value = torch.as_tensor(np.asarray(value), device=like.device)
-            if value.dim() and value.shape != (head_dim,):
-                raise ValueError(f"layer {layer}: per-head vectors need shape ({head_dim},), got {tuple(value.shape)}")
-            return value.to(device=like.device, dtype=like.dtype).expand(head_dim)
-
-        masks = {h: m for (l, h), m in self.edit.head_masks.items() if l == layer}
-        scales = {h: s for (l, h), s in self.edit.query_scale.items() if l == layer}
-        result = _LayerEdit()
-        if scales or "uniform" in masks.values():
-            result.query_scale = torch.stack([
-                vector(0.0) if masks.get(h) == "uniform" else vector(scales.get(h, 1.0)) for h in range(n_heads)
-            ])[None, :, None, :]
-        replaced = [h for h, m in masks.items() if m in ("zero", "mean")]
-        if replaced:
-            result.replaced = torch.zeros(n_heads, 1, dtype=torch.bool, device=like.device)
-            result.replaced[replaced] = True
-            result.fill = torch.stack([
-                vector(self.edit.mean_outputs[(layer, h)]) if masks.get(h) == "mean" else vector(0.0)
-                for h in range(n_heads)
-            ])
-        return result
+    def parts_for(self, query_length: int) -> list[HeadEdit]:
+        return self.parts if self.edit.applies_to(query_length) else []
 
 
 # The plans of the instrumented blocks that are open, by model (see :func:`install`). A context
@@ -325,6 +444,54 @@ def attention_rows(
     return torch.matmul(probs.to(value.dtype), value)
 
 
+LogitBias = Callable[[torch.Tensor, int], torch.Tensor]  # (rows, key_length) -> additive bias
+
+
+def _layer_bias(parts: Sequence[HeadEdit], layer: int) -> LogitBias | None:
+    """The summed logit bias of the parts that change this layer's pattern, None if none does."""
+    changing = [p for p in parts if type(p).bias is not HeadEdit.bias]
+    if not changing:
+        return None
+
+    def bias(rows: torch.Tensor, key_length: int) -> torch.Tensor:
+        total = torch.zeros((), device=rows.device)
+        for part in changing:
+            extra = part.bias(layer, rows, key_length)
+            if extra is not None:
+                total = total + extra.float()
+        return total
+
+    return bias
+
+
+def _biased_rows(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    rows: torch.Tensor,
+    bias: LogitBias,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``rows`` of the query, the key (cropped as SDPA crops a causal prefill) and, for those rows,
+    the mask plus ``bias`` as one float mask: :func:`attention_probs` and :func:`attention_rows`
+    read them with rows ``arange(len(rows))``."""
+    q_len = query.shape[2]
+    if attention_mask is None and q_len > 1:
+        key = key[:, :, :q_len]
+    mask = key_bias(attention_mask, rows, q_len, key.shape[2]) + bias(rows, key.shape[2])
+    return query[:, :, rows], key, mask
+
+
+def _probs(
+    query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, scaling: float,
+    rows: torch.Tensor, softcap: float | None, bias: LogitBias | None,
+) -> torch.Tensor:
+    """:func:`attention_probs`, with the edits' logit bias where there is one."""
+    if bias is None:
+        return attention_probs(query, key, attention_mask, scaling, rows, softcap)
+    query, key, mask = _biased_rows(query, key, attention_mask, rows, bias)
+    return attention_probs(query, key, mask, scaling, torch.arange(len(rows), device=rows.device), softcap)
+
+
 def _manual_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -332,13 +499,20 @@ def _manual_attention(
     attention_mask: torch.Tensor | None,
     scaling: float,
     softcap: float | None,
+    bias: LogitBias | None = None,
 ) -> torch.Tensor:
     """Attention output [batch, q_len, heads, dim] computed in row chunks, for what SDPA lacks
-    (logit soft-capping): memory stays O(chunk x length) per layer."""
+    (logit soft-capping, edits' logit biases): memory stays O(chunk x length) per layer."""
+    if bias is not None and attention_mask is None and query.shape[2] > 1:
+        value = value[:, :, : query.shape[2]]
     chunks = []
     for start in range(0, query.shape[2], _ROW_CHUNK):
         rows = torch.arange(start, min(start + _ROW_CHUNK, query.shape[2]), device=query.device)
-        chunks.append(attention_rows(query, key, value, attention_mask, scaling, rows, softcap))
+        if bias is None:
+            chunks.append(attention_rows(query, key, value, attention_mask, scaling, rows, softcap))
+        else:
+            q, k, mask = _biased_rows(query, key, attention_mask, rows, bias)
+            chunks.append(attention_rows(q, k, value, mask, scaling, torch.arange(len(rows), device=rows.device), softcap))
     return torch.cat(chunks, dim=2).transpose(1, 2).contiguous()
 
 
@@ -355,25 +529,27 @@ def instrumented_attention(
     """The registered attention function: SDPA plus the active plan's edits and captures."""
     scaling = module.head_dim**-0.5 if scaling is None else scaling
     softcap = kwargs.pop("softcap", None)
+    layer = module.layer_idx
     plan = _active.get().get(getattr(module, _MODEL_KEY, None))
-    edit = plan.layer(module.layer_idx, query) if plan and plan.edit.applies_to(query.shape[2]) else _LayerEdit()
-    if edit.query_scale is not None:
-        query = query * edit.query_scale
+    parts = plan.parts_for(query.shape[2]) if plan is not None else []
+    for part in parts:
+        query, key = part.query(layer, query), part.key(layer, key)
+    bias = _layer_bias(parts, layer)
     rows = plan.capture.rows_for(query) if plan is not None and plan.capture is not None else None
     if rows is not None:
-        plan.capture.sink(module.layer_idx, attention_probs(query, key, attention_mask, scaling, rows, softcap))
+        plan.capture.sink(layer, _probs(query, key, attention_mask, scaling, rows, softcap, bias))
     if plan is not None and plan.inputs is not None:
-        plan.inputs(module.layer_idx, AttentionInputs(query, key, value, attention_mask, scaling, softcap))
-    if softcap is not None:
-        output = _manual_attention(query, key, value, attention_mask, scaling, softcap)
+        plan.inputs(layer, AttentionInputs(query, key, value, attention_mask, scaling, softcap))
+    if softcap is not None or bias is not None:
+        output = _manual_attention(query, key, value, attention_mask, scaling, softcap, bias)
     else:
         output, _ = sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    if edit.replaced is not None:
-        output = torch.where(edit.replaced, edit.fill, output)
+    for part in parts:
+        output = part.output(layer, output)
     if plan is not None and plan.head_outputs is not None:
-        plan.head_outputs(module.layer_idx, output)
+        plan.head_outputs(layer, output)
     return output, None
 
 

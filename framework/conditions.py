@@ -8,8 +8,10 @@ Every condition is an :class:`AttentionEdit` evaluated on the same samples as th
 * ``dose: {param, values, of_head_dim}``: instead of one treatment/control pair, one pair per
   dose, labelled ``treatment.<param>_<value>`` / ``control.<param>_<value>``. ``param`` is a
   parameter of the intervention (e.g. ``n_dims``), or ``heads``: the intervention on the
-  ``value`` highest-scoring heads. With ``of_head_dim: true`` the values are fractions of the
-  model's head_dim (so one config fits 64- and 128-dim heads);
+  ``value`` highest-scoring heads. Values may be fractional (``intervention.factor`` 0.25, 0.5)
+  unless the parameter is an int (``n_dims``, ``heads``). With ``of_head_dim: true`` the values
+  are fractions of the model's head_dim, turned into whole dims (one config fits 64- and 128-dim
+  heads);
 * ``controls: K``: K more random controls, seeds ``[control_seed, 1..K]`` (for head masks:
   random head sets matched per layer), whose recalls form the null distribution the
   treatment's recall is tested against (seed 000's layer-clustered permutation);
@@ -21,7 +23,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Mapping, get_args, get_type_hints
 
 import numpy as np
 
@@ -39,7 +41,7 @@ class Plan:
     """A run's interventions, built and validated before the model loads."""
 
     intervention: Intervention
-    doses: list[int]
+    doses: list[float]
     dose_param: str | None
     controls: int
     extras: dict[str, Intervention]
@@ -50,7 +52,7 @@ class Plan:
         intervention.validate(info)
         dose = config.get("dose") or {}
         dose_param = dose.get("param")
-        doses = _dose_values(dose, info) if is_dosed(config) else []
+        doses = _dose_values(dose, info, intervention) if is_dosed(config) else []
         for value in doses:
             _at_dose(intervention, dose_param, value, info)
         controls = int(config.get("controls") or 0)
@@ -63,6 +65,13 @@ class Plan:
             extras[label] = registry.create("intervention", node)
             extras[label].validate(info)
         return cls(intervention, doses, dose_param, controls, extras)
+
+    @property
+    def dose_label(self) -> str:
+        """What a dose is, for plot axes: ``zero_lowfreq: n_dims``, ``heads (top-k by score)``."""
+        if self.dose_param == HEADS:
+            return "heads (top-k by detector score)"
+        return f"{self.intervention.name}: {self.dose_param}"
 
     @property
     def n_conditions(self) -> int:
@@ -79,7 +88,7 @@ class Plan:
         if self.doses:
             for value in self.doses:
                 variant, dosed_heads = _at_dose(self.intervention, self.dose_param, value, model.info, scores)
-                suffix = f".{self.dose_param}_{value}"
+                suffix = f".{self.dose_param}_{dose_text(value)}"
                 planned += [
                     Condition("treatment" + suffix, "treatment", name, variant.treatment(model, dosed_heads), value),
                     Condition("control" + suffix, "control", name,
@@ -113,27 +122,55 @@ def comparisons(conditions: list[Condition]) -> list[tuple[str, str]]:
     return pairs
 
 
-def _dose_values(dose: Mapping[str, Any], info: ModelInfo) -> list[int]:
-    if not dose.get("param") or not dose.get("values"):
+def _dose_values(dose: Mapping[str, Any], info: ModelInfo, intervention: Intervention) -> list[float]:
+    """The dose values, sorted: whole numbers (as ints) for head counts and integer parameters,
+    any numbers for the others (e.g. a scale factor of 0.5)."""
+    param = dose.get("param")
+    if not param or not dose.get("values"):
         raise ConfigError("dose needs a param (an intervention parameter, or 'heads') and a list of values")
     values = list(dose["values"])
+    if any(isinstance(v, bool) or not isinstance(v, int | float) for v in values):
+        raise ConfigError(f"dose values {values} must be numbers")
     if dose.get("of_head_dim"):
         if not all(0 < v <= 1 for v in values):
             raise ConfigError(f"dose values {values} must be fractions in (0, 1] of head_dim with of_head_dim: true")
         values = [int(round(v * info.head_dim)) for v in values]
-    if any(int(v) != v or v < 1 for v in values):
-        raise ConfigError(f"dose values {values} must be positive whole numbers")
-    return sorted({int(v) for v in values})
+    if param == HEADS and any(int(v) != v or v < 1 for v in values):
+        raise ConfigError(f"dose values {values} must be positive whole numbers: dose.param=heads counts heads")
+    if param != HEADS and _takes_whole_numbers(intervention, param) and any(int(v) != v for v in values):
+        raise ConfigError(f"dose values {values} must be whole numbers: {intervention.name} parameter "
+                          f"{param!r} is an int (fractions are for float parameters, or with dose.of_head_dim=true)")
+    whole = param == HEADS or _takes_whole_numbers(intervention, param)
+    return sorted({int(v) if whole else float(v) for v in values})
+
+
+def _takes_whole_numbers(intervention: Intervention, param: str) -> bool:
+    """Whether the intervention's constructor types ``param`` as int (and not float); without a
+    type hint, whether its current value is an int."""
+    try:
+        hint = get_type_hints(type(intervention).__init__).get(param)
+    except (NameError, TypeError):
+        hint = None
+    if hint is None:
+        value = getattr(intervention, param, None)
+        return isinstance(value, int) and not isinstance(value, bool)
+    types = set(get_args(hint)) or {hint}
+    return int in types and float not in types
+
+
+def dose_text(value: float) -> str:
+    """A dose as labels show it: ``8``, ``0.5``."""
+    return f"{value:g}"
 
 
 def _at_dose(
-    intervention: Intervention, param: str, value: int, info: ModelInfo, scores: HeadScores | None = None
+    intervention: Intervention, param: str, value: float, info: ModelInfo, scores: HeadScores | None = None
 ) -> tuple[Intervention, list[Head]]:
     """The intervention and heads at one dose. Without ``scores`` (before detection) only checks."""
     if param == HEADS:
         if value > info.n_heads_total:
             raise ConfigError(f"dose heads={value} is impossible: {info.name} has {info.n_heads_total} heads")
-        return intervention, select_heads(scores.scores, top_k=value) if scores is not None else []
+        return intervention, select_heads(scores.scores, top_k=int(value)) if scores is not None else []
     if not hasattr(intervention, param):
         raise ConfigError(
             f"dose param {param!r} is not a parameter of intervention {intervention.name!r}; "

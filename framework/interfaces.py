@@ -16,6 +16,8 @@ import numpy as np
 from framework.attention import AttentionEdit, Head
 
 Split = Literal["detect", "eval"]
+ScoreKind = Literal["binary", "continuous"]
+SCORE_KINDS: tuple[str, ...] = ("binary", "continuous")  # what a task's per-sample scores are
 
 
 class ConfigError(ValueError):
@@ -148,10 +150,17 @@ class Intervention(ABC):
 
 
 class Task(ABC):
-    """Builds seeded samples and scores generated answers."""
+    """Builds seeded samples and scores generated answers.
+
+    ``score_kind`` says what :meth:`score` returns: ``"binary"`` (0 or 1, the default) or
+    ``"continuous"`` (anywhere in [0, 1]); a task may set it per instance in ``__init__``. A run
+    refuses statistical tests that do not accept it (:attr:`StatTest.accepts`) before any model
+    work, and its default tests follow it.
+    """
 
     name: ClassVar[str]
     max_new_tokens: int = 16
+    score_kind: ScoreKind = "binary"
 
     @abstractmethod
     def build_samples(self, tokenizer: Any, split: Split, seed: int) -> list[Sample]:
@@ -159,13 +168,18 @@ class Task(ABC):
 
     @abstractmethod
     def score(self, sample: Sample, output: str) -> float:
-        """Score one generated answer, 1.0 for correct and 0.0 for wrong (or in between)."""
+        """Score one generated answer: 1.0 for correct and 0.0 for wrong, or in between for a
+        ``"continuous"`` task."""
 
 
 class StatTest(ABC):
-    """Compares two conditions' per-sample outcomes on the same samples (a paired design)."""
+    """Compares two conditions' per-sample outcomes on the same samples (a paired design).
+
+    ``accepts``: the task score kinds (see :attr:`Task.score_kind`) the test is valid for.
+    """
 
     name: ClassVar[str]
+    accepts: ClassVar[frozenset[str]] = frozenset(SCORE_KINDS)
 
     @abstractmethod
     def compare(self, treatment: np.ndarray, reference: np.ndarray) -> dict[str, float]:

@@ -3,7 +3,8 @@
 For each kind: every registered name, the plugin module and distribution it comes from, and its
 config options as Hydra finds them: in ``conf/`` or in a directory that an installed package adds
 to the config search path. A name without a config, or a config without a plugin, is flagged:
-either half alone cannot be used with ``+<kind>=<name>``.
+either half alone cannot be used with ``+<kind>=<name>``. A plugin whose import failed is listed
+as broken, with its error, and disabled; the others are listed as usual.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from omegaconf import OmegaConf
 
 from framework.interfaces import ConfigError
 from framework.registry import KINDS, get_registry
+from framework.stat_choice import AUTO
 from framework.tracking import flatten
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
@@ -57,12 +59,19 @@ def describe_plugins() -> str:
         names = sorted(set(registry.names(kind)) | {option for k, option in configs if k == kind})
         for name in names:
             entry = registry.entries[kind].get(name)
-            lines.append(f"  {name}  from {entry.source if entry else '(no installed plugin registers this name)'}")
+            if kind == "stats" and name == AUTO:
+                source = "framework: the tests listed for the task's score kind (framework/stat_choice.py)"
+            else:
+                source = entry.source if entry else "(no installed plugin registers this name)"
+            lines.append(f"  {name}  from {source}")
             if (kind, name) in configs:
                 provider, config = configs[kind, name]
                 lines.append(f"      config {kind}/{name} ({provider}): {_options(kind, config) or '(no options)'}")
             else:
                 lines.append(f"      no config {kind}/{name}.yaml on the config search path")
+    if registry.broken:
+        lines.append("broken (disabled; every other plugin works):")
+        lines += [f"  {plugin.source}: {plugin.error}" for plugin in registry.broken.values()]
     return "\n".join(lines)
 
 

@@ -10,7 +10,6 @@ the conditions that finished. Progress is logged per step and per batch of sampl
 from __future__ import annotations
 
 import logging
-import time
 from contextlib import contextmanager
 from typing import Any, Iterator, Mapping
 
@@ -25,7 +24,9 @@ from framework.conditions import BASELINE, Plan, comparisons, is_dosed
 from framework.generation import greedy_generate
 from framework.interfaces import Condition, ConfigError, HeadScores, LoadedModel, RunContext, Sample, Task
 from framework.models import load_model, model_info
+from framework.progress import Progress, labelled
 from framework.registry import get_registry
+from framework.stat_choice import choose_stats
 from framework.statistics import benjamini_hochberg, holm, null_p_value
 
 log = logging.getLogger(__name__)
@@ -34,16 +35,8 @@ log = logging.getLogger(__name__)
 def _evaluate(
     condition: str, model: LoadedModel, task: Task, samples: list[Sample], edit: AttentionEdit | None, batch_size: int
 ) -> tuple[list[str], np.ndarray]:
-    started, done = time.perf_counter(), 0
-
-    def progress(n: int) -> None:
-        nonlocal done
-        done += n
-        elapsed = time.perf_counter() - started
-        left = elapsed / done * (len(samples) - done)
-        log.info("[%s] %d/%d samples (%.0f s, ~%.0f s left)", condition, done, len(samples), elapsed, left)
-
-    outputs = greedy_generate(model, samples, task.max_new_tokens, edit, batch_size, progress)
+    progress = Progress(len(samples), label=condition)
+    outputs = greedy_generate(model, samples, task.max_new_tokens, edit, batch_size, progress.advance)
     outcomes = np.array([task.score(s, o) for s, o in zip(samples, outputs)])
     mlflow.log_metric(f"recall/{condition}", float(outcomes.mean()))
     log.info("[%s] recall %.3f", condition, outcomes.mean())
@@ -54,6 +47,28 @@ def _log_head_scores(result: HeadScores, prefix: str) -> None:
     mlflow.log_dict({"shape": list(result.scores.shape), "scores": result.scores.tolist()}, f"{prefix}/scores.json")
     mlflow.log_dict({"selected_heads": [list(h) for h in result.selected]}, f"{prefix}/selected_heads.json")
     mlflow.log_figure(plots.head_score_heatmap(result.scores, result.selected, result.detector), f"{prefix}/heatmap.png")
+    numbers, rest = _split_extra(result.extra)
+    mlflow.log_metrics({f"{prefix}/{key}": value for key, value in numbers.items()})
+    if rest:
+        mlflow.log_dict(rest, f"{prefix}/extra.json")
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` with arrays as lists and (layer, head) keys as "layer.head", for JSON."""
+    if isinstance(value, np.ndarray | np.generic):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {".".join(map(str, k)) if isinstance(k, tuple) else str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def _split_extra(extra: Mapping[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
+    """A detector's extra results (``HeadScores.extra``): the single numbers, logged as metrics,
+    and the rest (per-trial lists, arrays), logged as JSON."""
+    numbers = {k: float(v) for k, v in extra.items() if isinstance(v, int | float | np.number) and not isinstance(v, bool)}
+    return numbers, {k: _jsonable(v) for k, v in extra.items() if k not in numbers}
 
 
 def _detector_agreement(main: HeadScores, other: HeadScores) -> dict[str, float]:
@@ -151,7 +166,7 @@ def run(
     task = registry.create("task", config["task"])
     detector = registry.create("detector", config["detector"]) if config.get("detector") else None
     extra_detectors = {key: registry.create("detector", node) for key, node in (config.get("detectors") or {}).items()}
-    stats = {key: registry.create("stats", node) for key, node in (config.get("stats") or {}).items()}
+    stats = choose_stats(config.get("stats") or {}, task, registry)
     if config.get("claim"):  # verdicts are analysis, outside the core: imported only by runs that log one
         from framework.analysis.claims import check_claim
 
@@ -191,14 +206,16 @@ def run(
             if detector is not None:
                 detect_samples = task.build_samples(model.tokenizer, "detect", config["detect_seed"])
                 steps.start("detection", f"{detector.name} on {len(detect_samples)} samples")
-                context.head_scores = detector.detect(model, detect_samples)
+                with labelled("detection"):
+                    context.head_scores = detector.detect(model, detect_samples)
                 _log_head_scores(context.head_scores, f"detector/{detector.name}")
                 mlflow.log_metrics({"heads/selected": len(context.head_scores.selected),
                                     "heads/selected_fraction": len(context.head_scores.selected) / context.head_scores.scores.size})
                 log.info("[detection] %d heads selected", len(context.head_scores.selected))
                 for key, other in extra_detectors.items():
                     steps.start(f"detection ({key})", f"{other.name} on {len(detect_samples)} samples")
-                    context.detector_scores[key] = result = other.detect(model, detect_samples)
+                    with labelled(f"detection ({key})"):
+                        context.detector_scores[key] = result = other.detect(model, detect_samples)
                     _log_head_scores(result, f"detectors/{key}")
                     mlflow.log_metrics({f"detectors/{key}/{name}": value
                                         for name, value in _detector_agreement(context.head_scores, result).items()})
@@ -209,7 +226,8 @@ def run(
                     )
 
             if plan is not None:
-                plan.prepare(model, detect_samples)
+                with labelled("prepare"):
+                    plan.prepare(model, detect_samples)
                 context.conditions.extend(plan.conditions(model, context.head_scores, config["control_seed"]))
                 mlflow.log_dict({c.label: c.describe() for c in context.conditions}, "intervention/edits.json")
                 for condition in context.conditions:
@@ -223,6 +241,8 @@ def run(
         if "depth" in table:
             shown = table[table["role"] != "null"]
             mlflow.log_figure(plots.recall_by_condition(shown, "depth"), "recall_by_depth.png")
+        if plan is not None and plan.doses:
+            mlflow.log_figure(plots.recall_by_dose(table, plan.dose_label), "recall_by_dose.png")
 
         context.metrics.update(_test_comparisons(context, stats, comparisons(context.conditions)))
         context.metrics.update(_null_metrics(context))

@@ -33,3 +33,16 @@ def recall_by_condition(table: pd.DataFrame, by: str) -> plt.Figure:
     ax.set(ylim=(0, 1.05), ylabel="recall", title=f"Recall by {by} and condition (95% CI)")
     fig.tight_layout()
     return fig
+
+
+def recall_by_dose(table: pd.DataFrame, dose: str) -> plt.Figure:
+    """Treatment and control recall against the dose, the x axis named after the dosed parameter."""
+    dosed = table[table["role"].isin(["treatment", "control"])]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    sns.lineplot(data=dosed, x="dose", y="correct", hue="role", marker="o", errorbar=("ci", 95), ax=ax)
+    baseline = table.loc[table["condition"] == "baseline", "correct"].mean()
+    ax.axhline(baseline, color="black", ls="--", label="no intervention")
+    ax.set(ylim=(-0.02, 1.05), xlabel=dose, ylabel="recall", title="Recall by dose (95% CI)")
+    ax.legend()
+    fig.tight_layout()
+    return fig

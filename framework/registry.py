@@ -1,9 +1,16 @@
-"""The plugin manager: loads plugins from the entry-point group and looks them up by name."""
+"""The plugin manager: loads plugins from the entry-point group and looks them up by name.
+
+Entry points are loaded one at a time: a plugin whose import (or registration hook) fails is
+reported by name with its error and disabled (:attr:`Registry.broken`), and every other plugin
+keeps working.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import logging
+from dataclasses import dataclass, field
 from functools import lru_cache
+from importlib.metadata import entry_points
 from typing import Any, Mapping
 
 import pluggy
@@ -20,6 +27,9 @@ KINDS: dict[str, tuple[str, type]] = {
 }
 
 
+log = logging.getLogger(__name__)
+
+
 class UnknownPluginError(ConfigError):
     """A config names a plugin that no installed package registers."""
 
@@ -32,21 +42,49 @@ class PluginEntry:
     source: str  # the registering plugin and its distribution, e.g. "attn_mass (retrieval-heads 0.1.0)"
 
 
-class Registry:
-    """All registered plugin classes, by kind and name."""
+@dataclass(frozen=True)
+class BrokenPlugin:
+    """An entry point that could not be loaded or registered, and why."""
 
-    def __init__(self, manager: pluggy.PluginManager):
+    name: str  # the entry point
+    source: str  # the entry point and its distribution, e.g. "my_task (my-plugins 0.2)"
+    error: str  # "ModuleNotFoundError: No module named 'x'"
+
+
+class Registry:
+    """All registered plugin classes, by kind and name, and the plugins that are disabled."""
+
+    def __init__(self, manager: pluggy.PluginManager, broken: Mapping[str, BrokenPlugin] | None = None):
         self.manager = manager
         self.entries: dict[str, dict[str, PluginEntry]] = {kind: {} for kind in KINDS}
+        self.broken: dict[str, BrokenPlugin] = dict(broken or {})
         distributions = {id(plugin): dist for plugin, dist in manager.list_plugin_distinfo()}
         for kind, (hook_name, base) in KINDS.items():
             hook = getattr(manager.hook, hook_name)
             for impl in hook.get_hookimpls():
-                source = manager.get_name(impl.plugin) or repr(impl.plugin)
+                name = manager.get_name(impl.plugin) or repr(impl.plugin)
+                source = name
                 dist = distributions.get(id(impl.plugin))
                 if dist is not None:
                     source += f" ({dist.project_name} {dist.version})"
-                impl.function(register=self._registrar(kind, base, source))
+                if name in self.broken:
+                    continue
+                registered = {k: dict(v) for k, v in self.entries.items()}
+                try:
+                    impl.function(register=self._registrar(kind, base, source))
+                except ConfigError:
+                    raise  # a taken name: the user must choose, not lose a plugin silently
+                except Exception as error:  # noqa: BLE001 - any failure of third-party code disables it
+                    self.entries = registered  # nothing half-registered stays
+                    self._disable(name, source, error)
+        for name in self.broken:
+            for kind in self.entries.values():
+                for key in [k for k, entry in kind.items() if entry.source.split(" ", 1)[0] == name]:
+                    del kind[key]
+
+    def _disable(self, name: str, source: str, error: BaseException) -> None:
+        self.broken[name] = BrokenPlugin(name, source, f"{type(error).__name__}: {error}")
+        log.warning("plugin %s is disabled: %s", source, self.broken[name].error)
 
     def _registrar(self, kind: str, base: type, source: str):
         def register(name: str, cls: type) -> None:
@@ -70,8 +108,9 @@ class Registry:
             return self.entries[kind][name]
         except KeyError:
             available = ", ".join(self.names(kind)) or "(none installed)"
+            broken = "".join(f"; disabled because it failed to load: {b.source}: {b.error}" for b in self.broken.values())
             raise UnknownPluginError(
-                f"unknown {kind} {name!r}; available {kind} plugins: {available}"
+                f"unknown {kind} {name!r}; available {kind} plugins: {available}{broken}"
             ) from None
 
     def create(self, kind: str, node: Mapping[str, Any]) -> Any:
@@ -87,10 +126,33 @@ class Registry:
             raise ConfigError(f"{kind} {name!r} rejects its parameters {sorted(params)}: {error}") from None
 
 
+def load_plugins(manager: pluggy.PluginManager) -> dict[str, BrokenPlugin]:
+    """Load every entry point of the group into ``manager``, one at a time; return those whose
+    import failed, by name (the others are loaded all the same)."""
+    broken = {}
+    for point in entry_points(group=hookspecs.PROJECT):
+        if manager.get_plugin(point.name) is not None or point.name in broken:
+            continue  # the first distribution to name an entry point wins, as pluggy does
+        try:
+            manager.load_setuptools_entrypoints(hookspecs.PROJECT, name=point.name)
+        except Exception as error:  # noqa: BLE001 - a plugin's import can fail in any way
+            dist = point.dist
+            source = f"{point.name} ({dist.name} {dist.version})" if dist is not None else point.name
+            broken[point.name] = BrokenPlugin(point.name, source, f"{type(error).__name__}: {error}")
+            log.warning("plugin %s is disabled: its import failed: %s", source, broken[point.name].error)
+    return broken
+
+
 @lru_cache(maxsize=1)
 def get_registry() -> Registry:
-    """The process-wide registry, with every plugin of the entry-point group loaded."""
+    """The process-wide registry, with every plugin of the entry-point group that loads."""
     manager = pluggy.PluginManager(hookspecs.PROJECT)
     manager.add_hookspecs(hookspecs)
-    manager.load_setuptools_entrypoints(hookspecs.PROJECT)
-    return Registry(manager)
+    return Registry(manager, load_plugins(manager))
+
+
+def create_plugin(kind: str, node: Mapping[str, Any]) -> Any:
+    """A plugin instance from a config node (``{"name": ..., <parameters>}``), e.g. for a plugin
+    that builds another one: a detector that needs the run's task, an intervention fitted by a
+    detector."""
+    return get_registry().create(kind, node)

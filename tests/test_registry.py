@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from importlib.metadata import entry_points
+from importlib.metadata import distribution, entry_points
 
 import pluggy
 import pytest
@@ -13,13 +13,18 @@ from framework.registry import Registry, UnknownPluginError, get_registry
 
 
 def test_builtins_come_from_the_entry_point_group():
+    """Every entry point of this distribution registers from its own module; plugins of other
+    installed distributions may be registered next to them."""
+    own = {ep.name: ep.value for ep in distribution("retrieval-heads").entry_points if ep.group == hookspecs.PROJECT}
     group = {ep.name: ep.value for ep in entry_points(group=hookspecs.PROJECT)}
     registry = get_registry()
-    for kind in registry.entries.values():
-        for entry in kind.values():
-            plugin_name, distribution = entry.source.split(" ", 1)
-            assert entry.cls.__module__ == group[plugin_name]
-            assert distribution.startswith("(retrieval-heads ")
+    registered = [entry for kind in registry.entries.values() for entry in kind.values()]
+    for entry in registered:
+        plugin_name, source = entry.source.split(" ", 1)
+        assert entry.cls.__module__ == group[plugin_name]
+        assert source.startswith("(retrieval-heads ") == (plugin_name in own)
+    assert set(own) <= {entry.source.split(" ", 1)[0] for entry in registered}
+    assert not set(own) & set(registry.broken)
     assert {"attn_mass", "qnorm", "retrieval_score", "utility"} <= set(registry.names("detector"))
     assert {"head_mask", "zero_lowfreq"} <= set(registry.names("intervention"))
     assert {"niah", "passkey"} <= set(registry.names("task"))

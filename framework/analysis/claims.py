@@ -17,6 +17,7 @@ from scipy.stats import spearmanr, ttest_1samp
 
 from framework.conditions import BASELINE
 from framework.interfaces import ConfigError, RunContext
+from framework import plots
 from framework.plots import plt, sns
 from framework.statistics import cohens_dz, holm, mcnemar_exact, null_p_value, rowwise_spearman
 
@@ -128,14 +129,8 @@ def lowfreq_dose(context: RunContext, table: pd.DataFrame) -> Verdict:
     below = [p for t, p in zip(tests, adjusted) if t["effect_size"] < 0]
     metrics |= {"claim/dose_recall_spearman": float(rho), "claim/min_p_holm": float(min(below, default=1.0)),
                 "claim/verdict": float(rho < 0 and min(below, default=1.0) < ALPHA)}
-    dosed = table[table["role"].isin(["treatment", "control"])]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    sns.lineplot(data=dosed, x="dose", y="correct", hue="role", marker="o", errorbar=("ci", 95), ax=ax)
-    ax.axhline(baseline, color="black", ls="--", label="no intervention")
-    ax.set(ylim=(-0.02, 1.05), xlabel=f"{treated[0].intervention}: {context.config['dose']['param']}", ylabel="recall",
-           title=f"Dose response (95% CI), Spearman rho {rho:+.2f}")
-    ax.legend()
-    fig.tight_layout()
+    fig = plots.recall_by_dose(table, f"{treated[0].intervention}: {context.config['dose']['param']}")
+    fig.axes[0].set_title(f"Dose response (95% CI), Spearman rho {rho:+.2f}")
     return metrics, {"lowfreq_dose.png": fig}
 
 

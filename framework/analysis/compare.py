@@ -71,7 +71,8 @@ def collect(client: MlflowClient, experiments: list[str], filter_string: str = "
             "p_treatment_vs_baseline": metrics.get("mcnemar/treatment_vs_baseline/p_value", np.nan),
             "p_treatment_vs_control": metrics.get("mcnemar/treatment_vs_control/p_value", np.nan),
         }
-        row |= {"claim": tags.get("claim"), "head_dim": float(tags.get("model.head_dim", "nan"))}
+        row |= {"claim": tags.get("claim"), "head_dim": float(tags.get("model.head_dim", "nan")),
+                "dose_param": run.data.params.get("dose.param")}
         row |= {key: value for key, value in metrics.items() if key.startswith("claim/")}
         for condition in CONDITIONS:
             row[f"recall_{condition}"] = metrics.get(f"recall/{condition}", np.nan)
@@ -99,13 +100,12 @@ def figures(table: pd.DataFrame) -> dict[str, plt.Figure]:
         fig.tight_layout()
         out["theta_vs_heads.png"] = fig
     dosed = _dose_curves(table)
-    if not dosed.empty:
+    for axis, curves in dosed.groupby("axis") if not dosed.empty else ():
         fig, ax = plt.subplots(figsize=(6, 4))
-        sns.lineplot(data=dosed, x="fraction of head_dim", y="recall drop", hue="model", style="condition",
-                     marker="o", ax=ax)
-        ax.set(xscale="log", title="Recall drop vs query dims zeroed in the retrieval heads")
+        sns.lineplot(data=curves, x="dose", y="recall drop", hue="model", style="condition", marker="o", ax=ax)
+        ax.set(xscale="log", xlabel=axis, title=f"Recall drop in the retrieval heads vs {axis}")
         fig.tight_layout()
-        out["dose_response.png"] = fig
+        out["dose_response.png" if axis == "n_dims / head_dim" else f"dose_response_{axis}.png"] = fig
     drops = table.dropna(subset=["recall_drop"])
     if not drops.empty:
         fig, ax = plt.subplots(figsize=(7, 4))
@@ -121,14 +121,20 @@ def figures(table: pd.DataFrame) -> dict[str, plt.Figure]:
 
 
 def _dose_curves(table: pd.DataFrame) -> pd.DataFrame:
-    """Long table of the dose runs' recall drops (claim 4), doses as fractions of head_dim."""
+    """Long table of the dose runs' recall drops (claim 4); ``axis`` names the dosed parameter,
+    and counts of query dims are read as fractions of head_dim, so models with different head
+    sizes share one axis."""
     rows = []
     for _, run in table.iterrows():
+        param = run.get("dose_param") if isinstance(run.get("dose_param"), str) else "n_dims"
+        per_head_dim = param == "n_dims"
         for column, value in run.items():
             for prefix, condition in (("claim/recall_drop.", "lowest frequencies"), ("claim/control_recall_drop.", "random (control)")):
                 if isinstance(column, str) and column.startswith(prefix) and np.isfinite(value):
+                    dose = float(column.removeprefix(prefix))
                     rows.append({"model": run["model"], "condition": condition, "recall drop": value,
-                                 "fraction of head_dim": float(column.removeprefix(prefix)) / run["head_dim"]})
+                                 "axis": f"{param} / head_dim" if per_head_dim else param,
+                                 "dose": dose / run["head_dim"] if per_head_dim else dose})
     return pd.DataFrame(rows)
 
 

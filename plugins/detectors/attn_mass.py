@@ -12,10 +12,19 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from framework import hookimpl
-from framework.attention import RowCapture, instrumented
-from framework.heads import check_selection, select_heads
-from framework.interfaces import Detector, HeadScores, LoadedModel, ModelInfo, Sample
+from framework.api import (
+    Detector,
+    HeadScores,
+    LoadedModel,
+    ModelInfo,
+    RowCapture,
+    Sample,
+    check_selection,
+    hookimpl,
+    instrumented,
+    select_heads,
+    track,
+)
 
 
 class AttentionMass(Detector):
@@ -42,7 +51,7 @@ class AttentionMass(Detector):
         return mass
 
     def detect(self, model: LoadedModel, samples: list[Sample]) -> HeadScores:
-        scores = np.mean([self.sample_scores(model, s) for s in samples], axis=0)
+        scores = np.mean([self.sample_scores(model, s) for s in track(samples)], axis=0)
         return HeadScores(self.name, scores, select_heads(scores, self.threshold, self.top_k))
 
 

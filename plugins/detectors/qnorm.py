@@ -11,10 +11,18 @@ from __future__ import annotations
 
 import numpy as np
 
-from framework import hookimpl
-from framework.heads import check_selection, select_heads
-from framework.interfaces import ConfigError, Detector, HeadScores, LoadedModel, ModelInfo, Sample
-from framework.rope import lowest_frequency_dims
+from framework.api import (
+    ConfigError,
+    Detector,
+    HeadScores,
+    LoadedModel,
+    ModelInfo,
+    Sample,
+    check_selection,
+    hookimpl,
+    lowest_frequency_dims,
+    select_heads,
+)
 
 SCORES = ("total", "lowfreq_share")
 

@@ -22,17 +22,28 @@ score is normalised by the span's token length. Scores are averaged over the kep
 from __future__ import annotations
 
 import logging
-import re
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
 
-from framework import hookimpl
-from framework.attention import RowCapture, instrumented
-from framework.heads import check_selection, select_heads
-from framework.interfaces import ConfigError, Detector, HeadScores, LoadedModel, ModelInfo, Sample, Task
-from framework.registry import get_registry
+from framework.api import (
+    ConfigError,
+    Detector,
+    HeadScores,
+    LoadedModel,
+    ModelInfo,
+    RowCapture,
+    Sample,
+    Task,
+    check_selection,
+    create_plugin,
+    hookimpl,
+    instrumented,
+    select_heads,
+    track,
+    word_recall,
+)
 
 log = logging.getLogger(__name__)
 SPANS = ("answer", "needle")
@@ -60,13 +71,6 @@ def copy_scores(
     step, layer, head = np.nonzero(copied)
     hit[layer, head, top1[step, layer, head] - start] = True
     return hit.sum(axis=-1) / (end - start)
-
-
-def word_recall(answer: str, output: str) -> float:
-    """Share of the answer's words found in the output (Wu et al.'s ROUGE-1 recall, unstemmed)."""
-    words = re.findall(r"\w+", answer.lower())
-    found = set(re.findall(r"\w+", output.lower()))
-    return sum(w in found for w in words) / len(words) if words else 0.0
 
 
 def greedy_top1(model: LoadedModel, input_ids: Sequence[int], max_new_tokens: int) -> tuple[list[int], np.ndarray]:
@@ -118,7 +122,7 @@ class RetrievalScore(Detector):
         self.min_recall = min_recall
         self.unique_positions = unique_positions
         # the run's task (its score() is the recall; its max_new_tokens the decode length)
-        self.task = get_registry().create("task", task) if isinstance(task, Mapping) else task
+        self.task = create_plugin("task", task) if isinstance(task, Mapping) else task
         self.max_new_tokens = max_new_tokens or (self.task.max_new_tokens if self.task else Task.max_new_tokens)
 
     def validate(self, info: ModelInfo) -> None:
@@ -136,7 +140,7 @@ class RetrievalScore(Detector):
         return copy_scores(top1, tokens, sample.input_ids, span, self.unique_positions), output
 
     def detect(self, model: LoadedModel, samples: list[Sample]) -> HeadScores:
-        trials = [self.trial(model, s) for s in samples]
+        trials = [self.trial(model, s) for s in track(samples)]
         recall = [self.recall(s, output) for s, (_, output) in zip(samples, trials)]
         kept = [i for i, r in enumerate(recall) if self.min_recall is None or r >= self.min_recall]
         if kept:

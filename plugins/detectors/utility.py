@@ -27,11 +27,25 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from framework import hookimpl
-from framework.attention import AttentionInputs, Head, attention_rows, instrumented, key_bias
-from framework.heads import check_selection, select_heads
-from framework.interfaces import ConfigError, Detector, HeadScores, LoadedModel, ModelInfo, Sample
-from framework.rope import layer_inv_freq, lowest_frequency_dims
+from framework.api import (
+    AttentionInputs,
+    ConfigError,
+    Detector,
+    Head,
+    HeadScores,
+    LoadedModel,
+    ModelInfo,
+    Sample,
+    attention_rows,
+    check_selection,
+    hookimpl,
+    instrumented,
+    key_bias,
+    layer_inv_freq,
+    lowest_frequency_dims,
+    select_heads,
+    track,
+)
 
 SCORES = ("lowfreq", "kept")
 ROWS = ("query", "all")
@@ -149,9 +163,9 @@ class Utility(Detector):
         ])
 
     def detect(self, model: LoadedModel, samples: list[Sample]) -> HeadScores:
-        captures = [self.capture(model, s) for s in samples]
+        captures = [self.capture(model, s) for s in track(samples)]
         utility = []
-        for layer in range(model.info.n_layers):
+        for layer in track(range(model.info.n_layers), unit="layers fitted"):
             batch = _batch([tensors.pop(layer) for tensors, _ in captures])  # pop: free each layer once fitted
             scaling, softcap = captures[0][1][layer]
             utility.append(solve_utility(*batch, scaling, softcap, self.steps, self.lr).cpu().numpy())

@@ -27,10 +27,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from framework import hookimpl
-from framework.attention import MASK_MODES, PHASES, AttentionEdit, Head, mean_head_outputs
-from framework.heads import layer_groups_by_type, random_heads_matched_per_layer
-from framework.interfaces import ConfigError, Intervention, LoadedModel
+from framework.api import (
+    AttentionEdit,
+    ConfigError,
+    Head,
+    Intervention,
+    LoadedModel,
+    MASK_MODES,
+    PHASES,
+    hookimpl,
+    layer_groups_by_type,
+    mean_head_outputs,
+    random_heads_matched_per_layer,
+)
 
 _REFERENCE_SENTENCES = [
     "The committee met on Tuesday to review the budget for the coming year.",

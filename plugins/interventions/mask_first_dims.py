@@ -6,11 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from framework import hookimpl
-from framework.attention import Head
-from framework.interfaces import LoadedModel
-from framework.query_dims import QueryDimIntervention
-from framework.rope import first_raw_dims
+from framework.api import Head, LoadedModel, QueryDimIntervention, first_raw_dims, hookimpl
 
 
 class MaskFirstDims(QueryDimIntervention):

@@ -6,11 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from framework import hookimpl
-from framework.attention import Head
-from framework.interfaces import LoadedModel
-from framework.query_dims import QueryDimIntervention
-from framework.rope import last_raw_dims
+from framework.api import Head, LoadedModel, QueryDimIntervention, hookimpl, last_raw_dims
 
 
 class MaskLastDims(QueryDimIntervention):

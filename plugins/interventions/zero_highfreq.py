@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from framework import hookimpl
-from framework.attention import Head
-from framework.interfaces import LoadedModel
-from framework.query_dims import QueryDimIntervention
-from framework.rope import highest_frequency_dims, layer_inv_freq
+from framework.api import (
+    Head,
+    LoadedModel,
+    QueryDimIntervention,
+    highest_frequency_dims,
+    hookimpl,
+    layer_inv_freq,
+)
 
 
 class ZeroHighFreq(QueryDimIntervention):

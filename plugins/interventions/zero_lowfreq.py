@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import numpy as np
 
-from framework import hookimpl
-from framework.attention import Head
-from framework.interfaces import LoadedModel
-from framework.query_dims import QueryDimIntervention
-from framework.rope import layer_inv_freq, lowest_frequency_dims
+from framework.api import (
+    Head,
+    LoadedModel,
+    QueryDimIntervention,
+    hookimpl,
+    layer_inv_freq,
+    lowest_frequency_dims,
+)
 
 
 class ZeroLowFreq(QueryDimIntervention):

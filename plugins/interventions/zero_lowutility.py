@@ -7,11 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from framework import hookimpl
-from framework.attention import Head
-from framework.interfaces import LoadedModel, ModelInfo, Sample
-from framework.query_dims import QueryDimIntervention
-from plugins.detectors.utility import Utility
+from framework.api import Head, LoadedModel, ModelInfo, QueryDimIntervention, Sample, create_plugin, hookimpl
 
 
 class ZeroLowUtility(QueryDimIntervention):
@@ -20,7 +16,7 @@ class ZeroLowUtility(QueryDimIntervention):
     def __init__(self, threshold: float = 0.5, rows: str = "query", steps: int = 200, lr: float = 0.05):
         super().__init__(None)
         self.threshold = threshold
-        self.detector = Utility(top_k=1, rows=rows, steps=steps, lr=lr)
+        self.detector = create_plugin("detector", {"name": "utility", "top_k": 1, "rows": rows, "steps": steps, "lr": lr})
         self.utility: np.ndarray | None = None  # [layers, heads, head_dim], set by prepare
 
     def validate(self, info: ModelInfo) -> None:

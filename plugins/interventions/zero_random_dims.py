@@ -5,11 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from framework import hookimpl
-from framework.attention import Head
-from framework.interfaces import LoadedModel
-from framework.query_dims import QueryDimIntervention
-from framework.rope import random_pair_dims
+from framework.api import Head, LoadedModel, QueryDimIntervention, hookimpl, random_pair_dims
 
 
 class ZeroRandomDims(QueryDimIntervention):

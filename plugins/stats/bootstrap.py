@@ -6,8 +6,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import bootstrap
 
-from framework import hookimpl
-from framework.interfaces import StatTest
+from framework.api import StatTest, hookimpl
 
 
 class PairedBootstrap(StatTest):

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from framework import hookimpl
-from framework.interfaces import StatTest
-from framework.statistics import cohens_d, cohens_dz
+from framework.api import StatTest, cohens_d, cohens_dz, hookimpl
 
 
 class CohensD(StatTest):

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from framework import hookimpl
-from framework.statistics import mcnemar_exact
-from framework.interfaces import StatTest
+from framework.api import StatTest, hookimpl, mcnemar_exact
 
 
 class McNemar(StatTest):
+    accepts = frozenset({"binary"})  # counts discordant pairs of 0/1 outcomes
+
     def compare(self, treatment: np.ndarray, reference: np.ndarray) -> dict[str, float]:
         return mcnemar_exact(treatment, reference)
 

@@ -6,9 +6,7 @@ from __future__ import annotations
 import numpy as np
 from scipy.stats import permutation_test
 
-from framework import hookimpl
-from framework.interfaces import StatTest
-from framework.statistics import cohens_dz
+from framework.api import StatTest, cohens_dz, hookimpl
 
 
 def _mean_difference(treatment: np.ndarray, reference: np.ndarray, axis: int = -1) -> np.ndarray:

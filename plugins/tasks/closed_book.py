@@ -19,9 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from framework import hookimpl
-from framework.interfaces import Sample, Split, Task
-from plugins.tasks._prompt import chat_sample, check_count
+from framework.api import Sample, Split, Task, chat_sample, check_count, hookimpl
 from plugins.tasks.multidoc_qa import best_subspan_em
 
 INSTRUCTION = "Answer the question from your own knowledge, in a few words.\n\n"

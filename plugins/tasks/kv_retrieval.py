@@ -18,9 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from framework import hookimpl
-from framework.interfaces import ConfigError, Sample
-from plugins.tasks._prompt import PositionedTask, chat_sample, check_count
+from framework.api import ConfigError, PositionedTask, Sample, chat_sample, check_count, hookimpl
 
 INSTRUCTION = "Extract the value corresponding to the specified key in the JSON object below.\n\nJSON data:\n"
 
@@ -53,11 +51,11 @@ class KVRetrieval(PositionedTask):
                               f"(pair indices {self.slots})")
         self.prefill_key = bool(prefill_key)
 
-    def _records(self, rng: np.random.Generator, count: int) -> list[list[tuple[str, str]]]:
+    def records(self, rng: np.random.Generator, count: int) -> list[list[tuple[str, str]]]:
         # 122 random bits per UUID: a repeated key is practically impossible
         return [[(_uuid(rng), _uuid(rng)) for _ in range(self.n_slots)] for _ in range(count)]
 
-    def _sample(self, tokenizer: Any, record: list[tuple[str, str]], slot: int) -> Sample:
+    def render(self, tokenizer: Any, record: list[tuple[str, str]], slot: int) -> Sample:
         (key, value), pairs = record[0], record[1:]
         pairs.insert(slot, (key, value))
         last = len(pairs) - 1

@@ -20,9 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from framework import hookimpl
-from framework.interfaces import ConfigError, Sample
-from plugins.tasks._prompt import PositionedTask, is_whole, chat_sample, check_count
+from framework.api import ConfigError, PositionedTask, Sample, chat_sample, check_count, hookimpl, is_whole
 
 INSTRUCTION = ("Write a high-quality answer for the given question using only the provided search results "
                "(some of which might be irrelevant).\n\n")
@@ -142,13 +140,13 @@ class MultiDocQA(PositionedTask):
             check_count("samples_per_position", samples_per_position, len(self.file_records))
             check_count("detect_samples_per_position", detect_samples_per_position, len(self.file_records))
 
-    def _records(self, rng: np.random.Generator, count: int) -> list[dict[str, Any]]:
+    def records(self, rng: np.random.Generator, count: int) -> list[dict[str, Any]]:
         if self.file_records is None:
             return [_split_record(_synthetic_record(rng, self.n_slots), self.n_slots, "synthetic")
                     for _ in range(count)]
         return [self.file_records[i] for i in rng.choice(len(self.file_records), size=count, replace=False)]
 
-    def _sample(self, tokenizer: Any, record: dict[str, Any], slot: int) -> Sample:
+    def render(self, tokenizer: Any, record: dict[str, Any], slot: int) -> Sample:
         documents = list(record["distractors"])
         documents.insert(slot, record["gold"])
         items = [f"Document [{i}](Title: {d['title']}) {d['text']}\n" for i, d in enumerate(documents, 1)]

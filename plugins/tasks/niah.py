@@ -14,8 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from framework import hookimpl
-from framework.interfaces import ConfigError, Sample, Split, Task
+from framework.api import ConfigError, Sample, Split, Task, chat_frame, hookimpl, token_span
 
 _NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 _SUBJECTS = ["The old miller", "A quiet river", "The village baker", "Every autumn wind", "The tall lighthouse",
@@ -97,7 +96,7 @@ class NeedleTask(Task):
         def encode(text: str) -> list[int]:
             return tokenizer.encode(text, add_special_tokens=False)
 
-        prefix, suffix = _chat_frame(tokenizer)
+        prefix, suffix = chat_frame(tokenizer)
         head = prefix + encode(self.instruction)
         needle = encode(self.needle.format(**fields))
         tail = encode(self.question.format(**fields)) + suffix + encode(self.answer_prefix.format(**fields))
@@ -117,7 +116,7 @@ class NeedleTask(Task):
         query_start = needle_start + len(needle) + len(haystack) - cut
         first = 1 if ids and ids[0] in tokenizer.all_special_ids else 0
         value_at = len(self.needle.split("{value}")[0].format(**fields))  # first occurrence of the value
-        value_span = _token_span(tokenizer, self.needle.format(**fields), needle, value_at, value_at + len(fields["value"]))
+        value_span = token_span(tokenizer, self.needle.format(**fields), needle, value_at, value_at + len(fields["value"]))
         return Sample(
             id="",
             input_ids=ids,
@@ -132,35 +131,6 @@ class NeedleTask(Task):
 
     def score(self, sample: Sample, output: str) -> float:
         return float(re.search(rf"(?<!\d){re.escape(sample.answer)}(?!\d)", output) is not None)
-
-
-def _token_span(tokenizer: Any, text: str, ids: list[int], start: int, end: int) -> tuple[int, int] | None:
-    """The tokens of ``ids`` (``text`` encoded) that cover characters [start, end) of ``text``,
-    from the tokenizer's offsets; None where it has none or encodes ``text`` differently."""
-    try:
-        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    except (NotImplementedError, TypeError, ValueError, KeyError):
-        return None
-    if list(encoded["input_ids"]) != list(ids):
-        return None
-    inside = [i for i, (a, b) in enumerate(encoded["offset_mapping"]) if a < end and b > start]
-    return (inside[0], inside[-1] + 1) if inside else None
-
-
-def _chat_frame(tokenizer: Any) -> tuple[list[int], list[int]]:
-    """Token ids before and after the user message in the model's chat template (empty, and a
-    newline, for base models without one), ending with the assistant's generation prompt."""
-    if not getattr(tokenizer, "chat_template", None):
-        return [], tokenizer.encode("\n", add_special_tokens=False)
-    marker = "\u2063MESSAGE\u2063"
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": marker}], tokenize=False, add_generation_prompt=True
-    )
-    before, after = text.split(marker)
-    bos = [tokenizer.bos_token_id] if tokenizer.bos_token and before.startswith(tokenizer.bos_token) else []
-    if bos:
-        before = before[len(tokenizer.bos_token):]
-    return bos + tokenizer.encode(before, add_special_tokens=False), tokenizer.encode(after, add_special_tokens=False)
 
 
 class NIAH(NeedleTask):

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from framework import hookimpl
+from framework.api import hookimpl
 from plugins.tasks.niah import NeedleTask
 
 

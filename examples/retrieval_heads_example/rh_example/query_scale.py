@@ -6,10 +6,16 @@ from __future__ import annotations
 
 import numpy as np
 
-from framework import hookimpl
-from framework.attention import AttentionEdit, Head
-from framework.heads import random_heads_matched_per_layer
-from framework.interfaces import ConfigError, Intervention, LoadedModel, ModelInfo
+from framework.api import (
+    AttentionEdit,
+    ConfigError,
+    Head,
+    Intervention,
+    LoadedModel,
+    ModelInfo,
+    hookimpl,
+    random_heads_matched_per_layer,
+)
 
 
 class QueryScale(Intervention):

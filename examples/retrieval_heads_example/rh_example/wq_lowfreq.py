@@ -6,10 +6,19 @@ from __future__ import annotations
 
 import numpy as np
 
-from framework import hookimpl
-from framework.heads import check_selection, select_heads
-from framework.interfaces import Detector, HeadScores, LoadedModel, ModelInfo, Sample
-from framework.rope import check_dim_count, layer_inv_freq, lowest_frequency_dims
+from framework.api import (
+    Detector,
+    HeadScores,
+    LoadedModel,
+    ModelInfo,
+    Sample,
+    check_dim_count,
+    check_selection,
+    hookimpl,
+    layer_inv_freq,
+    lowest_frequency_dims,
+    select_heads,
+)
 
 
 class WqLowFreq(Detector):

@@ -1,25 +1,55 @@
-"""Shared pieces of the list-retrieval tasks (``multidoc_qa``, ``kv_retrieval``, ``closed_book``).
+"""Prompt framing with exact token spans, sample construction and answer scoring, for tasks.
 
-Prompts are assembled from separately tokenised pieces inside the model's chat frame (reused from
-:mod:`plugins.tasks.niah`), so every span is exact by construction rather than found again by
-searching the decoded text. :class:`PositionedTask` is the paired design of Liu et al. (2024):
+Prompts are assembled from separately tokenised pieces inside the model's chat frame, so every
+span of a :class:`~framework.interfaces.Sample` is exact by construction rather than found again
+by searching the decoded text. :class:`PositionedTask` is the paired design of Liu et al. (2024):
 each record is shown once with its gold item at every requested slot, so recall by depth compares
-the same questions and only the position changes.
+the same questions and only the position changes. Public through :mod:`framework.api`.
 """
 
 from __future__ import annotations
 
+import re
 from abc import abstractmethod
 from typing import Any, Sequence
 
 import numpy as np
 
 from framework.interfaces import ConfigError, Sample, Split, Task
-from plugins.tasks.niah import _chat_frame, _token_span
 
 
 def encode(tokenizer: Any, text: str) -> list[int]:
+    """``text`` as token ids, without special tokens (pieces are joined inside :func:`chat_frame`)."""
     return tokenizer.encode(text, add_special_tokens=False)
+
+
+def chat_frame(tokenizer: Any) -> tuple[list[int], list[int]]:
+    """Token ids before and after the user message in the model's chat template (empty, and a
+    newline, for base models without one), ending with the assistant's generation prompt."""
+    if not getattr(tokenizer, "chat_template", None):
+        return [], encode(tokenizer, "\n")
+    marker = "\u2063MESSAGE\u2063"
+    text = tokenizer.apply_chat_template(
+        [{"role": "user", "content": marker}], tokenize=False, add_generation_prompt=True
+    )
+    before, after = text.split(marker)
+    bos = [tokenizer.bos_token_id] if tokenizer.bos_token and before.startswith(tokenizer.bos_token) else []
+    if bos:
+        before = before[len(tokenizer.bos_token):]
+    return bos + encode(tokenizer, before), encode(tokenizer, after)
+
+
+def token_span(tokenizer: Any, text: str, ids: list[int], start: int, end: int) -> tuple[int, int] | None:
+    """The tokens of ``ids`` (``text`` encoded) that cover characters [start, end) of ``text``,
+    from the tokenizer's offsets; None where it has none or encodes ``text`` differently."""
+    try:
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    except (NotImplementedError, TypeError, ValueError, KeyError):
+        return None
+    if list(encoded["input_ids"]) != list(ids):
+        return None
+    inside = [i for i, (a, b) in enumerate(encoded["offset_mapping"]) if a < end and b > start]
+    return (inside[0], inside[-1] + 1) if inside else None
 
 
 def chat_sample(
@@ -34,13 +64,13 @@ def chat_sample(
     ``gold`` is None (nothing in the context is needed to answer). ``answer_span`` covers the
     answer's first verbatim occurrence in the gold item (None where it has none).
     """
-    prefix, suffix = _chat_frame(tokenizer)
+    prefix, suffix = chat_frame(tokenizer)
     ids = prefix + encode(tokenizer, instruction)
     spans, answer_span = [], None
     for index, item in enumerate(items):
         piece = encode(tokenizer, item)
         at = item.find(answer) if index == gold else -1
-        local = _token_span(tokenizer, item, piece, at, at + len(answer)) if at >= 0 else None
+        local = token_span(tokenizer, item, piece, at, at + len(answer)) if at >= 0 else None
         if local:  # the answer's own tokens, for detectors that check what is copied
             answer_span = (len(ids) + local[0], len(ids) + local[1])
         spans.append((len(ids), len(ids) + len(piece)))
@@ -59,6 +89,14 @@ def chat_sample(
         meta={"tokens": len(ids), **meta},
         answer_span=answer_span,
     )
+
+
+def word_recall(answer: str, output: str) -> float:
+    """Share of the answer's words found in the output: ROUGE-1 recall, unstemmed, as Wu et al.
+    score needle retrieval. In [0, 1], so a task scoring with it is ``score_kind = "continuous"``."""
+    words = re.findall(r"\w+", answer.lower())
+    found = set(re.findall(r"\w+", output.lower()))
+    return sum(w in found for w in words) / len(words) if words else 0.0
 
 
 def is_whole(value: Any) -> bool:
@@ -86,19 +124,19 @@ class PositionedTask(Task):
     slots: list[int]  # 0-based gold slots to evaluate
 
     @abstractmethod
-    def _records(self, rng: np.random.Generator, count: int) -> list[Any]:
+    def records(self, rng: np.random.Generator, count: int) -> list[Any]:
         """``count`` seeded records."""
 
     @abstractmethod
-    def _sample(self, tokenizer: Any, record: Any, slot: int) -> Sample:
+    def render(self, tokenizer: Any, record: Any, slot: int) -> Sample:
         """``record`` rendered with its gold item at 0-based ``slot``."""
 
     def build_samples(self, tokenizer: Any, split: Split, seed: int) -> list[Sample]:
         count = self.samples_per_position if split == "eval" else self.detect_samples_per_position
         samples = []
-        for index, record in enumerate(self._records(np.random.default_rng(seed), count)):
+        for index, record in enumerate(self.records(np.random.default_rng(seed), count)):
             for slot in self.slots:
-                sample = self._sample(tokenizer, record, slot)
+                sample = self.render(tokenizer, record, slot)
                 sample.id = f"{split}-P{slot + 1}-{index}"
                 depth = slot / (self.n_slots - 1) if self.n_slots > 1 else 0.0
                 sample.meta.update(split=split, seed=seed, index=index, gold_position=slot + 1, depth=depth)
