@@ -9,7 +9,7 @@ import pytest
 
 from framework import hookimpl, hookspecs
 from framework.interfaces import ConfigError, Detector
-from framework.registry import Registry, UnknownPluginError, get_registry
+from framework.registry import Registry, UnknownPluginError, get_registry, load_plugins
 
 
 def test_builtins_come_from_the_entry_point_group():
@@ -62,3 +62,61 @@ def test_a_taken_name_is_refused_naming_both_sources():
     manager.register(_Impostor, name="impostor-plugin")
     with pytest.raises(ConfigError, match="from (impostor-plugin|attn_mass) is refused.*taken by (attn_mass|impostor-plugin)"):
         Registry(manager)
+
+
+FINE = '''
+from framework.api import Detector, hookimpl
+
+class Fine(Detector):
+    def detect(self, model, samples):
+        raise NotImplementedError
+
+@hookimpl
+def register_detectors(register):
+    register("fine_detector", Fine)
+'''
+BROKEN_IMPORT = "import not_installed_dependency\n"
+
+
+def test_a_plugin_whose_import_fails_is_disabled_by_name_and_the_others_load(tmp_path, monkeypatch, caplog):
+    from test_third_party import make_distribution
+
+    site = make_distribution(tmp_path, "mixed-plugins", "fine_module", FINE,
+                             {"fine_one": "fine_module", "broken_one": "broken_module"})
+    (site / "broken_module.py").write_text(BROKEN_IMPORT)
+    monkeypatch.syspath_prepend(str(site))
+    manager = pluggy.PluginManager(hookspecs.PROJECT)
+    manager.add_hookspecs(hookspecs)
+    registry = Registry(manager, load_plugins(manager))
+    assert list(registry.broken) == ["broken_one"]
+    broken = registry.broken["broken_one"]
+    assert broken.source == "broken_one (mixed-plugins 0.1)"
+    assert broken.error == "ModuleNotFoundError: No module named 'not_installed_dependency'"
+    assert "plugin broken_one (mixed-plugins 0.1) is disabled" in caplog.text
+    assert "fine_detector" in registry.names("detector") and "attn_mass" in registry.names("detector")
+    assert {"niah", "passkey"} <= set(registry.names("task"))
+    with pytest.raises(UnknownPluginError, match="disabled because it failed to load: broken_one .mixed-plugins 0.1.: "
+                                                 "ModuleNotFoundError"):
+        registry.get("task", "their_task")
+
+
+class _FailsToRegister:
+    class Good(Detector):
+        def detect(self, model, samples):
+            raise NotImplementedError
+
+    @staticmethod
+    @hookimpl
+    def register_detectors(register):
+        register("half_registered", _FailsToRegister.Good)
+        raise RuntimeError("the registration broke")
+
+
+def test_a_plugin_whose_registration_fails_is_disabled_with_nothing_half_registered():
+    manager = pluggy.PluginManager(hookspecs.PROJECT)
+    manager.add_hookspecs(hookspecs)
+    manager.load_setuptools_entrypoints(hookspecs.PROJECT)
+    manager.register(_FailsToRegister, name="fails-to-register")
+    registry = Registry(manager)
+    assert registry.broken["fails-to-register"].error == "RuntimeError: the registration broke"
+    assert "half_registered" not in registry.names("detector") and "attn_mass" in registry.names("detector")
