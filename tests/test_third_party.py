@@ -126,3 +126,88 @@ def test_a_taken_name_is_refused_naming_both_sources(tmp_path):
         assert "(impostor-plugin 0.1)" in message and "(retrieval-heads 0.1.0)" in message
         assert "Traceback" not in result.stderr
     assert not (tmp_path / "mlruns").exists()  # refused before any run started
+
+
+ROOT = EXAMPLE.parent.parent
+
+
+def test_the_example_packages_own_tests_pass_with_it_installed(tmp_path, example_installed):
+    """The example's tests (examples/retrieval_heads_example/tests), run as its author runs them."""
+    result = subprocess.run([sys.executable, "-m", "pytest", str(EXAMPLE / "tests"), "-q", "-p", "no:cacheprovider"],
+                            cwd=ROOT, env=example_installed, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert " passed" in result.stdout and "failed" not in result.stdout
+
+
+def test_the_registry_tests_pass_with_third_party_plugins_installed(tmp_path, example_installed):
+    result = subprocess.run([sys.executable, "-m", "pytest", "tests/test_registry.py", "-q", "-p", "no:cacheprovider"],
+                            cwd=ROOT, env=example_installed, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:]
+
+
+BROKEN = "import not_installed_dependency  # the plugin's dependency is missing\n"
+
+
+@pytest.fixture
+def broken_installed(tmp_path) -> dict[str, str]:
+    site = make_distribution(tmp_path, "broken-plugin", "broken_task", BROKEN, {"broken_task": "broken_task"})
+    return environment(pythonpath=site)
+
+
+def test_a_plugin_whose_import_fails_is_listed_as_broken_and_the_rest_still_listed(tmp_path, broken_installed):
+    result = run(tmp_path, module="framework.list_plugins", env=broken_installed)
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+    broken = result.stdout.split("broken (disabled; every other plugin works):", 1)[1]
+    assert ("broken_task (broken-plugin 0.1): ModuleNotFoundError: No module named 'not_installed_dependency'"
+            in broken)
+    assert "niah  from niah (retrieval-heads 0.1.0)" in result.stdout
+
+
+@pytest.mark.e2e
+def test_a_plugin_whose_import_fails_leaves_the_default_run_working(tmp_path, broken_installed, embedded_model):
+    result = run(tmp_path, *TINY_GRID, env=broken_installed)
+    assert result.returncode == 0, result.stderr[-3000:]
+    output = result.stdout + result.stderr
+    assert "plugin broken_task (broken-plugin 0.1) is disabled: its import failed: ModuleNotFoundError" in output
+    assert "Traceback" not in output
+    [finished] = all_runs(local_store(tmp_path))
+    assert finished.info.status == "FINISHED"
+
+
+def test_a_test_that_does_not_fit_the_tasks_scores_is_refused_before_any_run(tmp_path, example_installed):
+    result = run(tmp_path, "task=passage_qa", "stats=[permutation,mcnemar]", env=example_installed)
+    assert result.returncode != 0
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith("error: stats test 'mcnemar' accepts only binary scores, but task 'passage_qa'")
+    assert "wilcoxon" in message and "sign_test" in message
+    assert not (tmp_path / "mlruns").exists()
+
+
+@pytest.mark.e2e
+def test_the_example_task_and_edit_run_a_fractional_dose_with_tests_for_continuous_scores(
+        tmp_path, example_installed, embedded_model):
+    result = run(tmp_path, "task=passage_qa", "task.context_lengths=[256]", "task.depths=[0.2,0.8]",
+                 "task.samples_per_cell=1", "task.max_new_tokens=12", "+detector=retrieval_score",
+                 "detector.threshold=null", "detector.top_k=6", "detector.min_recall=null",
+                 "+intervention=output_scale", "dose.param=factor", "dose.values=[0,0.5]", "stats=[auto,sign_test]",
+                 env=example_installed)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "[detection] 2/2 samples" in result.stdout + result.stderr
+    client = local_store(tmp_path)
+    [finished] = all_runs(client)
+    assert finished.info.status == "FINISHED"
+    metrics = finished.data.metrics
+    for label in ("treatment.factor_0", "control.factor_0", "treatment.factor_0.5", "control.factor_0.5"):
+        assert 0.0 <= metrics[f"recall/{label}"] <= 1.0
+    for test in ("permutation", "bootstrap", "wilcoxon", "sign_test"):
+        assert f"{test}/treatment.factor_0.5_vs_control.factor_0.5/effect_size" in metrics
+    assert not any(name.startswith("mcnemar/") for name in metrics)
+    assert metrics["detector/retrieval_score/trials"] == 2
+    artifacts = Path(client.download_artifacts(finished.info.run_id, "", str(tmp_path / "download")))
+    extra = json.loads((artifacts / "detector/retrieval_score/extra.json").read_text())
+    assert len(extra["recall"]) == len(extra["outputs"]) == 2
+    edits = json.loads((artifacts / "intervention/edits.json").read_text())
+    assert set(edits["treatment.factor_0.5"]["output_scale"].values()) == {0.5}
+    assert len(edits["control.factor_0.5"]["output_scale"]) == 6
+    assert (artifacts / "recall_by_dose.png").stat().st_size > 0
