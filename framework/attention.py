@@ -66,7 +66,8 @@ class HeadEdit(ABC):
       GQA one KV head serves ``heads // kv_heads`` query heads, so a key edit acts on all of them;
     * :meth:`bias`: an additive bias on a head's attention logits (after scaling and soft-capping),
       i.e. a new attention pattern; layers where an edit returns one take the chunked manual path
-      (memory O(chunk x length)), and captured rows include the bias;
+      (memory O(chunk x length)); captured rows include the bias, the tensors handed to an
+      ``inputs`` callback (:class:`AttentionInputs`) do not;
     * :meth:`output`: the attention output [batch, q_len, heads, head_dim], what ``o_proj`` reads.
     """
 
