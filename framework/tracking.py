@@ -10,6 +10,8 @@ import hashlib
 import json
 import logging
 import os
+import re
+import tempfile
 import traceback
 from contextlib import contextmanager, suppress
 from importlib.metadata import entry_points
@@ -20,7 +22,7 @@ import mlflow
 from mlflow.entities import RunStatus
 
 from framework import hookspecs
-from framework.interfaces import ModelInfo
+from framework.interfaces import ConfigError, ModelInfo
 from framework.registry import get_registry
 
 log = logging.getLogger(__name__)
@@ -34,12 +36,62 @@ def local_tracking_uri(store_dir: Path = STORE_DIR) -> str:
     return f"sqlite:///{(store_dir / 'mlflow.db').resolve()}"
 
 
+class TrackingStoreError(ConfigError):
+    """The tracking store cannot be reached or written; the message says what to do."""
+
+
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def quiet_retries() -> None:
+    """Fail within seconds when a tracking server does not answer, instead of MLflow's default
+    of retrying for minutes; the user's own MLFLOW_HTTP_REQUEST_* settings win."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
+
+
+def _check_server(uri: str) -> None:
+    quiet_retries()
+    try:
+        mlflow.MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as error:
+        refused = re.search(r"\[Errno -?\d+\] [^'\")]+", str(error))  # what urllib3's retry message wraps
+        reason = refused.group(0) if refused else str(error).splitlines()[0][:300]
+        raise TrackingStoreError(
+            f"the tracking server {uri} (MLFLOW_TRACKING_URI) does not answer: {reason}; start it or fix "
+            "MLFLOW_TRACKING_URI, or unset MLFLOW_TRACKING_URI to log to the local store mlruns/") from None
+
+
+def _check_writable(uri: str) -> None:
+    """A SQLite store needs its folder writable (SQLite writes a journal next to the database)."""
+    if not uri.startswith("sqlite:///"):
+        return
+    database = Path(uri.removeprefix("sqlite:///"))
+    try:
+        database.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=database.parent):
+            pass
+        if database.exists():
+            with database.open("ab"):
+                pass
+    except OSError as error:
+        raise TrackingStoreError(
+            f"the tracking store {uri} cannot be written ({error.strerror or error}: {error.filename or database}); "
+            "run from a folder you can write to, or set MLFLOW_TRACKING_URI to a writable store or a tracking "
+            "server") from None
+
+
 def configure() -> str:
-    """Point MLflow at ``MLFLOW_TRACKING_URI`` if set, else at the local store; return the URI."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        STORE_DIR.mkdir(exist_ok=True)
-        uri = local_tracking_uri()
+    """Point MLflow at ``MLFLOW_TRACKING_URI`` if set, else at the local store; return the URI.
+    The store is checked first: a server that does not answer, or a local store that cannot be
+    written, is a :class:`TrackingStoreError` within seconds."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or local_tracking_uri()
+    if is_server(uri):
+        _check_server(uri)
+    else:
+        _check_writable(uri)
     mlflow.set_tracking_uri(uri)
     return uri
 
@@ -118,14 +170,28 @@ def tracked_run(
     """An active MLflow run with config, params and model tags logged up front; nested under
     ``parent_run_id`` when it is one job of a sweep.
 
-    An exception ends the run FAILED (Ctrl-C: KILLED) with the error (and the plugin that raised
-    it) logged as tags and an artifact; everything logged before it stays.
+    An exception ends the run FAILED (Ctrl-C, SIGTERM: KILLED) with the error (and the plugin
+    that raised it) logged as tags and an artifact; everything logged before it stays. Against a
+    tracking server, the run's results go to the server through a local folder
+    (:func:`framework.upload.kept_locally`), so a server that goes away mid-run loses nothing.
     """
-    configure()
-    run = mlflow.start_run(
-        experiment_id=experiment_id(experiment), run_name=run_name, parent_run_id=parent_run_id,
-        tags={"config_hash": config_hash(config), **(tags or {})},
-    )
+    from framework.upload import kept_locally  # it builds on this module
+
+    uri = configure()
+    opened = kept_locally if is_server(uri) else _local_run
+    with opened(uri, experiment, run_name, parent_run_id, {"config_hash": config_hash(config), **(tags or {})}) as run:
+        yield from _logged(run, config, info)
+
+
+@contextmanager
+def _local_run(uri: str, experiment: str, run_name: str | None, parent_run_id: str | None,
+               tags: Mapping[str, str]) -> Iterator[Any]:
+    yield mlflow.start_run(experiment_id=experiment_id(experiment), run_name=run_name,
+                           parent_run_id=parent_run_id, tags=dict(tags))
+
+
+def _logged(run: Any, config: Mapping[str, Any], info: ModelInfo) -> Iterator[Any]:
+    """The body of :func:`tracked_run` on the active run: log up front, end the run."""
     try:
         mlflow.set_tags(model_tags(info))
         params = {k: str(v)[:_MAX_PARAM_LENGTH] for k, v in flatten(config).items()}
@@ -136,11 +202,14 @@ def tracked_run(
         yield run
     except BaseException as error:
         status = RunStatus.to_string(RunStatus.KILLED if isinstance(error, KeyboardInterrupt) else RunStatus.FAILED)
-        mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
-        plugin = failing_plugin(error)
-        if plugin is not None:
-            mlflow.set_tag("error.plugin", plugin)
-        mlflow.log_text(traceback.format_exc(), "error.txt")
+        try:
+            mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
+            plugin = failing_plugin(error)
+            if plugin is not None:
+                mlflow.set_tag("error.plugin", plugin)
+            mlflow.log_text(traceback.format_exc(), "error.txt")
+        except Exception as logging_error:  # e.g. a full disk: the run must still end, with the first error
+            log.error("could not log the error to run %s: %s", run.info.run_id, logging_error)
         mlflow.end_run(status=status)
         log.error("run %s marked %s; what it logged so far is kept", run.info.run_id, status)
         error._mlflow_run_id = run.info.run_id  # read back by failed_run_id()
