@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import tempfile
 import traceback
 from contextlib import contextmanager, suppress
@@ -65,7 +66,8 @@ def _check_server(uri: str) -> None:
 
 
 def _check_writable(uri: str) -> None:
-    """A SQLite store needs its folder writable (SQLite writes a journal next to the database)."""
+    """A SQLite store needs its folder writable (SQLite writes a journal next to the database);
+    a new one is created here."""
     if not uri.startswith("sqlite:///"):
         return
     database = Path(uri.removeprefix("sqlite:///"))
@@ -76,11 +78,43 @@ def _check_writable(uri: str) -> None:
         if database.exists():
             with database.open("ab"):
                 pass
+        else:
+            create_sqlite_store(database)
     except OSError as error:
         raise TrackingStoreError(
             f"the tracking store {uri} cannot be written ({error.strerror or error}: {error.filename or database}); "
             "run from a folder you can write to, or set MLFLOW_TRACKING_URI to a writable store or a tracking "
             "server") from None
+
+
+def _empty_store() -> Path:
+    """An empty SQLite store with MLflow's schema, made once per MLflow version in the cache:
+    creating the schema takes seconds, copying it does not."""
+    from framework.models import cache_root
+
+    template = cache_root() / f"empty-mlflow-{mlflow.__version__}.db"
+    if not template.exists():
+        template.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=template.parent))
+        mlflow.MlflowClient(f"sqlite:///{staging / 'mlflow.db'}").search_experiments()  # creates the schema
+        (staging / "mlflow.db").replace(template)
+        shutil.rmtree(staging)
+    return template
+
+
+def create_sqlite_store(database: Path) -> None:
+    """Give ``database`` MLflow's schema unless it exists, atomically: two runs that create the
+    same new store at once would otherwise both create its tables, and one fails."""
+    if database.exists():
+        return
+    staging = database.with_name(f".{database.name}.{os.getpid()}")
+    shutil.copyfile(_empty_store(), staging)
+    try:
+        os.link(staging, database)  # fails if another process was first
+    except FileExistsError:
+        pass
+    finally:
+        staging.unlink()
 
 
 def configure() -> str:

@@ -15,7 +15,6 @@ import json
 import logging
 import shutil
 import sys
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator, Mapping
@@ -26,7 +25,6 @@ from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.tracking.context.registry import resolve_tags
 
 from framework import tracking
-from framework.models import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -37,20 +35,6 @@ _BATCH = 100  # MLflow's limit of params (and tags) per log_batch call
 
 def _store_uri(folder: Path) -> str:
     return f"sqlite:///{folder / 'mlflow.db'}"
-
-
-def _new_store(folder: Path) -> str:
-    """A fresh SQLite store in ``folder``: a copy of an empty one made once per MLflow version
-    in the cache, since creating MLflow's schema takes seconds."""
-    template = cache_root() / f"empty-mlflow-{mlflow.__version__}.db"
-    if not template.exists():
-        template.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=template.parent))
-        MlflowClient(_store_uri(staging)).search_experiments()  # creates the schema
-        (staging / "mlflow.db").replace(template)  # atomic: concurrent runs see all of it or none
-        shutil.rmtree(staging)
-    shutil.copyfile(template, folder / "mlflow.db")
-    return _store_uri(folder)
 
 
 @contextmanager
@@ -64,7 +48,8 @@ def kept_locally(server_uri: str, experiment: str, run_name: str | None, parent_
     folder = (PENDING / server_run.info.run_id).resolve()
     folder.mkdir(parents=True)
     (folder / TARGET_FILE).write_text(json.dumps({"tracking_uri": server_uri, "run_id": server_run.info.run_id}))
-    mlflow.set_tracking_uri(_new_store(folder))
+    tracking.create_sqlite_store(folder / "mlflow.db")
+    mlflow.set_tracking_uri(_store_uri(folder))
     local_experiment = mlflow.create_experiment(experiment, artifact_location=(folder / "artifacts").as_uri())
     mlflow.start_run(experiment_id=local_experiment, run_name=run_name, tags=run_tags)
     try:
