@@ -10,9 +10,6 @@ import hashlib
 import json
 import logging
 import os
-import re
-import shutil
-import tempfile
 import traceback
 from contextlib import contextmanager, suppress
 from importlib.metadata import entry_points
@@ -22,8 +19,8 @@ from typing import Any, Iterator, Mapping
 import mlflow
 from mlflow.entities import RunStatus
 
-from framework import hookspecs
-from framework.interfaces import ConfigError, ModelInfo
+from framework import hookspecs, stores
+from framework.interfaces import ModelInfo
 from framework.registry import get_registry
 
 log = logging.getLogger(__name__)
@@ -37,95 +34,11 @@ def local_tracking_uri(store_dir: Path = STORE_DIR) -> str:
     return f"sqlite:///{(store_dir / 'mlflow.db').resolve()}"
 
 
-class TrackingStoreError(ConfigError):
-    """The tracking store cannot be reached or written; the message says what to do."""
-
-
-def is_server(uri: str) -> bool:
-    return uri.startswith(("http://", "https://"))
-
-
-def quiet_retries() -> None:
-    """Fail within seconds when a tracking server does not answer, instead of MLflow's default
-    of retrying for minutes; the user's own MLFLOW_HTTP_REQUEST_* settings win."""
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1")
-    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
-
-
-def _check_server(uri: str) -> None:
-    quiet_retries()
-    try:
-        mlflow.MlflowClient(uri).search_experiments(max_results=1)
-    except Exception as error:
-        refused = re.search(r"\[Errno -?\d+\] [^'\")]+", str(error))  # what urllib3's retry message wraps
-        reason = refused.group(0) if refused else str(error).splitlines()[0][:300]
-        raise TrackingStoreError(
-            f"the tracking server {uri} (MLFLOW_TRACKING_URI) does not answer: {reason}; start it or fix "
-            "MLFLOW_TRACKING_URI, or unset MLFLOW_TRACKING_URI to log to the local store mlruns/") from None
-
-
-def _check_writable(uri: str) -> None:
-    """A SQLite store needs its folder writable (SQLite writes a journal next to the database);
-    a new one is created here."""
-    if not uri.startswith("sqlite:///"):
-        return
-    database = Path(uri.removeprefix("sqlite:///"))
-    try:
-        database.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=database.parent):
-            pass
-        if database.exists():
-            with database.open("ab"):
-                pass
-        else:
-            create_sqlite_store(database)
-    except OSError as error:
-        raise TrackingStoreError(
-            f"the tracking store {uri} cannot be written ({error.strerror or error}: {error.filename or database}); "
-            "run from a folder you can write to, or set MLFLOW_TRACKING_URI to a writable store or a tracking "
-            "server") from None
-
-
-def _empty_store() -> Path:
-    """An empty SQLite store with MLflow's schema, made once per MLflow version in the cache:
-    creating the schema takes seconds, copying it does not."""
-    from framework.models import cache_root
-
-    template = cache_root() / f"empty-mlflow-{mlflow.__version__}.db"
-    if not template.exists():
-        template.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=template.parent))
-        mlflow.MlflowClient(f"sqlite:///{staging / 'mlflow.db'}").search_experiments()  # creates the schema
-        (staging / "mlflow.db").replace(template)
-        shutil.rmtree(staging)
-    return template
-
-
-def create_sqlite_store(database: Path) -> None:
-    """Give ``database`` MLflow's schema unless it exists, atomically: two runs that create the
-    same new store at once would otherwise both create its tables, and one fails."""
-    if database.exists():
-        return
-    staging = database.with_name(f".{database.name}.{os.getpid()}")
-    shutil.copyfile(_empty_store(), staging)
-    try:
-        os.link(staging, database)  # fails if another process was first
-    except FileExistsError:
-        pass
-    finally:
-        staging.unlink()
-
-
 def configure() -> str:
     """Point MLflow at ``MLFLOW_TRACKING_URI`` if set, else at the local store; return the URI.
-    The store is checked first: a server that does not answer, or a local store that cannot be
-    written, is a :class:`TrackingStoreError` within seconds."""
+    The store is checked first (:func:`framework.stores.check`)."""
     uri = os.environ.get("MLFLOW_TRACKING_URI") or local_tracking_uri()
-    if is_server(uri):
-        _check_server(uri)
-    else:
-        _check_writable(uri)
+    stores.check(uri)
     mlflow.set_tracking_uri(uri)
     return uri
 
@@ -212,7 +125,7 @@ def tracked_run(
     from framework.upload import kept_locally  # it builds on this module
 
     uri = configure()
-    opened = kept_locally if is_server(uri) else _local_run
+    opened = kept_locally if stores.is_server(uri) else _local_run
     with opened(uri, experiment, run_name, parent_run_id, {"config_hash": config_hash(config), **(tags or {})}) as run:
         yield from _logged(run, config, info)
 

@@ -24,7 +24,7 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.tracking.context.registry import resolve_tags
 
-from framework import tracking
+from framework import stores, tracking
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +48,10 @@ def kept_locally(server_uri: str, experiment: str, run_name: str | None, parent_
     folder = (PENDING / server_run.info.run_id).resolve()
     folder.mkdir(parents=True)
     (folder / TARGET_FILE).write_text(json.dumps({"tracking_uri": server_uri, "run_id": server_run.info.run_id}))
-    tracking.create_sqlite_store(folder / "mlflow.db")
+    stores.create_sqlite_store(folder / "mlflow.db")
     mlflow.set_tracking_uri(_store_uri(folder))
     local_experiment = mlflow.create_experiment(experiment, artifact_location=(folder / "artifacts").as_uri())
-    mlflow.start_run(experiment_id=local_experiment, run_name=run_name, tags=run_tags)
+    mlflow.start_run(experiment_id=local_experiment, run_name=server_run.info.run_name, tags=run_tags)
     try:
         yield server_run
     except BaseException:
@@ -73,7 +73,7 @@ def _upload_or_keep(folder: Path, server_uri: str, failing: bool) -> None:
         if failing:  # the run's own error is the one to raise; say where its results are
             log.error(message)
         else:
-            raise tracking.TrackingStoreError(message) from None
+            raise stores.TrackingStoreError(message) from None
 
 
 def upload(folder: Path) -> Run:
@@ -106,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m framework.upload", description=__doc__.split("\n\n")[0])
     parser.add_argument("folders", nargs="+", type=Path, help="folders named by the error, mlruns/pending/<run id>")
     args = parser.parse_args(argv)
-    tracking.quiet_retries()
+    stores.quiet_retries()
     failed = 0
     for folder in args.folders:
         if not (folder / TARGET_FILE).is_file():

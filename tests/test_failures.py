@@ -130,6 +130,10 @@ def test_a_server_that_goes_away_mid_run_loses_nothing(tmp_path, embedded_model)
                 "once the server is back") in output
         assert "Traceback" not in output
 
+        still_down = run(work, str(folder), module="framework.upload")
+        assert still_down.returncode == 1 and folder.is_dir()
+        assert f"error: {folder}: " in still_down.stderr and "the folder is kept" in still_down.stderr
+
         server.start()
         client = MlflowClient(server.url)
         [waiting] = all_runs(client)
