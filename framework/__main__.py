@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import Callable
+from typing import Callable, NoReturn
 
 import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
+from framework import stopping
 from framework.interfaces import ConfigError, RunContext
 
 log = logging.getLogger("framework")
@@ -36,11 +37,22 @@ def describe(error: Exception) -> str:
     return message
 
 
+def exit_stopped(interrupt: KeyboardInterrupt) -> NoReturn:
+    """Ctrl-C or SIGTERM: one line, and the shell's exit status for the signal (130 / 143)."""
+    code, how = stopping.exit_for(interrupt)
+    print(f"{how}: the run is marked KILLED in MLflow and keeps what it logged so far", file=sys.stderr)
+    sys.exit(code)
+
+
 def run_or_exit(run: Callable[[dict], dict[str, float]], cfg: DictConfig) -> dict[str, float]:
     """Run a one-run command (the training experiments) on its resolved config; a failure ends
-    in one ``error: ...`` line (see :func:`describe`), not a traceback."""
+    in one ``error: ...`` line (see :func:`describe`), not a traceback; Ctrl-C or SIGTERM ends
+    the run KILLED."""
+    stopping.on_sigterm()
     try:
         return run(OmegaConf.to_container(cfg, resolve=True))
+    except KeyboardInterrupt as interrupt:
+        exit_stopped(interrupt)
     except Exception as error:
         log.debug("run failed", exc_info=True)
         sys.exit(f"error: {describe(error)}")
@@ -62,6 +74,7 @@ def print_result(context: RunContext) -> None:
 def main(cfg: DictConfig) -> None:
     from framework import pipeline, sweep, tracking  # heavy imports after Hydra has parsed the command line
 
+    stopping.on_sigterm()  # again here: a parallel launcher runs this function in worker processes
     logging.getLogger("matplotlib").setLevel(logging.WARNING)  # its INFO lines about plot axes are noise in a run's log
     config = OmegaConf.to_container(cfg, resolve=True)
     redo = bool(config.pop(sweep.REDO, False))  # a flag for the sweep, not part of the job's config
@@ -84,6 +97,9 @@ def main(cfg: DictConfig) -> None:
     log.info("%s: starting", job.label)
     try:
         context = pipeline.run(config, job.sweep.parent_run_id, job.run_tags(config.get("run_name")))
+    except KeyboardInterrupt as interrupt:  # Ctrl-C or SIGTERM: the sweep stops here
+        job.report("killed", tracking.failed_run_id(interrupt))
+        raise
     except Exception as error:
         log.debug("run failed", exc_info=True)
         message = describe(error)
@@ -95,17 +111,17 @@ def main(cfg: DictConfig) -> None:
 
 
 def cli() -> None:
-    """``main``, plus the end of a sweep that stopped early: Ctrl-C marks the open parent run
-    KILLED (each job's run has marked itself), a launcher error marks it FAILED."""
+    """``main``, plus the end of a sweep that stopped early: Ctrl-C or SIGTERM marks the open
+    parent run KILLED (each job's run has marked itself), a launcher error marks it FAILED."""
     from framework import sweep
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    stopping.on_sigterm()
     try:
         main()
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
         sweep.close(stopped="KILLED")
-        print("interrupted: the run is marked KILLED in MLflow and keeps what it logged so far", file=sys.stderr)
-        sys.exit(130)
+        exit_stopped(interrupt)
     except BaseException as error:
         sweep.close(stopped="FAILED")  # no-op unless a sweep is still open
         if isinstance(error, Exception):  # e.g. a launcher's or Hydra's own usage error

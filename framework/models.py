@@ -7,6 +7,7 @@ float32. Both can be overridden from the ``model`` config group.
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import os
 import shutil
@@ -66,11 +67,66 @@ def _gguf_location(spec: Mapping[str, Any]) -> tuple[Path, str]:
     return folder, spec["gguf_file"]
 
 
+def _safetensors_problem(path: Path) -> str | None:
+    """Why a safetensors file is unusable (missing, truncated, unreadable header), or None: its
+    size must be exactly what its header describes (8 bytes, the header, the tensor data)."""
+    try:
+        size = path.stat().st_size
+        with path.open("rb") as file:
+            length = int.from_bytes(file.read(8), "little")
+            if size < 8 + length:
+                return f"{path.name} is truncated ({size} bytes)"
+            header = json.loads(file.read(length))
+    except (OSError, ValueError) as error:
+        return f"{path.name} cannot be read ({error})"
+    end = max((t["data_offsets"][1] for key, t in header.items() if key != "__metadata__"), default=0)
+    if size != 8 + length + end:
+        return f"{path.name} has {size} bytes where its header describes {8 + length + end}"
+    return None
+
+
+def cache_problem(folder: Path) -> str | None:
+    """What is wrong with a cached model folder, or None when it is complete: a full disk or a
+    run killed while writing it leaves files missing or truncated."""
+    missing = [name for name in ("config.json", "tokenizer_config.json") if not (folder / name).is_file()]
+    if missing:
+        return f"{', '.join(missing)} missing"
+    index = folder / "model.safetensors.index.json"
+    try:
+        shards = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    except (OSError, ValueError, KeyError) as error:
+        return f"{index.name} cannot be read ({error})"
+    return next(filter(None, (_safetensors_problem(folder / shard) for shard in shards)), None)
+
+
+def _discard_damaged(spec: Mapping[str, Any], target: Path, problem: str) -> None:
+    """Move a damaged cache entry out of the way so that it is rebuilt; where it cannot be
+    rebuilt or removed, say which folder to remove."""
+    damaged = f"the cached copy of model {spec['name']!r} in {target} is damaged ({problem})"
+    try:
+        _gguf_location(spec)  # the source it is rebuilt from
+    except ConfigError as error:
+        raise ConfigError(f"{damaged} and cannot be rebuilt here: {error}; then remove the folder {target}") from None
+    log.warning("%s; rebuilding it", damaged)
+    trash = target.with_name(f".{target.name}-damaged-{os.getpid()}")
+    try:
+        target.rename(trash)  # atomic: a concurrent run sees the damaged entry or none
+    except FileNotFoundError:  # a concurrent run moved it first
+        return
+    except OSError as error:
+        raise ConfigError(f"{damaged} and cannot be moved aside ({error}); remove the folder {target}") from None
+    shutil.rmtree(trash, ignore_errors=True)
+
+
 def _dequantised_dir(spec: Mapping[str, Any]) -> Path:
-    """The cached float copy of an embedded GGUF model, created on first use."""
+    """The cached float copy of an embedded GGUF model, created on first use, verified on every
+    use and rebuilt when damaged."""
     target = cache_root() / spec["name"]
-    if (target / "config.json").exists():
-        return target
+    if target.exists():
+        problem = cache_problem(target)
+        if problem is None:
+            return target
+        _discard_damaged(spec, target, problem)
     folder, gguf_file = _gguf_location(spec)
     log.info("dequantising %s once into %s", gguf_file, target)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
@@ -122,7 +178,7 @@ def info_from_config(name: str, config: Any) -> ModelInfo:
 
 def model_info(spec: Mapping[str, Any]) -> ModelInfo:
     """Architecture facts from the config alone, for validating a run before loading weights."""
-    if spec.get("gguf_package") and not (cache_root() / spec["name"] / "config.json").exists():
+    if spec.get("gguf_package") and not (cache_root() / spec["name"]).exists():
         folder, gguf_file = _gguf_location(spec)
         config = AutoConfig.from_pretrained(folder, gguf_file=gguf_file)
     else:

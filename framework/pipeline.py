@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
 
-from framework import plots, tracking
+from framework import plots, tracking, validation
 from framework.attention import AttentionEdit
 from framework.conditions import BASELINE, Plan, comparisons, is_dosed
 from framework.generation import greedy_generate
@@ -162,6 +162,7 @@ def run(
 
     ``parent_run_id`` and ``tags`` nest the run under a sweep's parent run (see :mod:`framework.sweep`).
     """
+    validation.validate(config)
     registry = get_registry()
     task = registry.create("task", config["task"])
     detector = registry.create("detector", config["detector"]) if config.get("detector") else None

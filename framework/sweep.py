@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
-import math
+import itertools
 import os
 import sys
 import uuid
@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 REDO = "redo"  # +redo=true re-runs jobs that already finished
 SWEEP_FILE = "mlflow_sweep.json"  # in the sweep directory: the parent run, for the jobs
 JOB_FILE = "mlflow_job.json"  # in each job's output directory: how the job ended
-Outcome = Literal["finished", "skipped", "failed"]
+Outcome = Literal["finished", "skipped", "failed", "killed"]  # killed: stopped by Ctrl-C or SIGTERM
 
 
 def _key(override: str) -> str:
@@ -137,7 +137,7 @@ class SweepCallback(Callback):
             sys.exit(f"error: {failed} sweep job(s) failed (see above); the sweep's parent run is marked FAILED")
 
 
-_opened: tuple[Path, Sweep] | None = None  # the sweep this (launching) process has open
+_opened: tuple[Path, Sweep, list[str]] | None = None  # the sweep this (launching) process has open; job names
 
 
 def _open(config: DictConfig) -> None:
@@ -165,40 +165,69 @@ def _open(config: DictConfig) -> None:
     sweep_dir = Path(config.hydra.sweep.dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     client.set_tag(parent, "sweep.dir", str(sweep_dir.resolve()))
-    sweep = Sweep(parent, uri, uuid.uuid4().hex, math.prod(len(list(o.sweep_string_iterator())) for o in parsed),
-                  [o.key_or_group for o in parsed])
+    # the job names in the order of Hydra's basic sweeper (job i is the i-th of the product)
+    names = [" ".join(job) for job in itertools.product(
+        *([f"{o.get_key_element()}={value}" for value in o.sweep_string_iterator()] for o in parsed))]
+    sweep = Sweep(parent, uri, uuid.uuid4().hex, len(names), [o.key_or_group for o in parsed])
     (sweep_dir / SWEEP_FILE).write_text(json.dumps(asdict(sweep)))
-    _opened = sweep_dir, sweep
+    _opened = sweep_dir, sweep, names
     log.info("sweep: %d jobs under parent run %s (%s)", sweep.jobs, parent, uri)
 
 
 def close(stopped: Literal["KILLED", "FAILED"] | None = None) -> int:
     """Log the summary of the jobs that reported to the open sweep's parent run and end it: with
     the status ``stopped`` if the sweep stopped early, else FAILED if a job failed, else FINISHED.
+    A sweep that stopped early lists the jobs that did not finish (killed, or never started) in
+    its summary and its last line; running the same command again resumes it.
     Returns the number of failed jobs (0 when no sweep is open in this process)."""
     from mlflow import MlflowClient
 
     global _opened
     if _opened is None:
         return 0
-    sweep_dir, sweep = _opened
+    sweep_dir, sweep, names = _opened
     _opened = None
     reports = [json.loads(p.read_text()) for p in sweep_dir.rglob(JOB_FILE)]
-    reports = sorted((r for r in reports if r["invocation"] == sweep.invocation), key=lambda r: r["num"])
+    reports = [r for r in reports if r["invocation"] == sweep.invocation]
+    reported = {r["num"] for r in reports}
+    if stopped:  # no report from a job means it never started (or was cut off before it could report)
+        reports += [{"invocation": sweep.invocation, "num": num, "name": name, "outcome": "not started",
+                     "run_id": None, "error": None} for num, name in enumerate(names) if num not in reported]
+    reports.sort(key=lambda r: r["num"])
+    _kill_open_children(sweep)
     client = MlflowClient(sweep.tracking_uri)
-    counts = {outcome: sum(r["outcome"] == outcome for r in reports) for outcome in ("finished", "skipped", "failed")}
+    counts = {outcome: sum(r["outcome"] == outcome for r in reports)
+              for outcome in ("finished", "skipped", "failed", "killed", "not started")}
     if reports:
         table = summary_table(client, reports)
         # log_text, not log_table: a resumed sweep replaces the summary, log_table would append to it
         client.log_text(sweep.parent_run_id, table.to_json(orient="split", index=False), "sweep/summary.json")
         client.log_figure(sweep.parent_run_id, summary_figure(table), "sweep/recall.png")
     for outcome, count in counts.items():
-        client.log_metric(sweep.parent_run_id, f"sweep/{outcome}", count)
+        client.log_metric(sweep.parent_run_id, f"sweep/{outcome.replace(' ', '_')}", count)
     status = stopped or ("FAILED" if counts["failed"] else "FINISHED")
     client.set_terminated(sweep.parent_run_id, status)
-    print(f"sweep {sweep.parent_run_id} ({status}): {len(reports)} of {sweep.jobs} jobs reported: "
-          + ", ".join(f"{n} {outcome}" for outcome, n in counts.items()))
+    print(f"sweep {sweep.parent_run_id} ({status}): {sweep.jobs} jobs: "
+          + ", ".join(f"{n} {outcome}" for outcome, n in counts.items() if n or outcome != "not started"))
+    unfinished = [f"{r['num'] + 1} ({r['name']})" for r in reports if r["outcome"] in ("killed", "not started")]
+    if unfinished:
+        print(f"did not finish: job {', '.join(unfinished)}; run the same command again to resume the sweep")
     return counts["failed"]
+
+
+def _kill_open_children(sweep: Sweep) -> None:
+    """Mark KILLED any job run of this sweep still RUNNING when the sweep ends: one whose
+    process was stopped before it could mark its own run (a parallel worker, a cancelled
+    Slurm job)."""
+    from mlflow import MlflowClient
+
+    client = MlflowClient(sweep.tracking_uri)
+    experiment = client.get_run(sweep.parent_run_id).info.experiment_id
+    for run in client.search_runs([experiment], f"tags.`mlflow.parentRunId` = '{sweep.parent_run_id}' "
+                                               "and attributes.status = 'RUNNING'"):
+        client.set_tag(run.info.run_id, "error", "the sweep stopped before this job's run ended")
+        client.set_terminated(run.info.run_id, "KILLED")
+        log.warning("sweep: run %s was still RUNNING; marked KILLED", run.info.run_id)
 
 
 def summary_table(client: MlflowClient, reports: list[dict[str, Any]]) -> pd.DataFrame:

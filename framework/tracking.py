@@ -19,7 +19,7 @@ from typing import Any, Iterator, Mapping
 import mlflow
 from mlflow.entities import RunStatus
 
-from framework import hookspecs
+from framework import hookspecs, stores
 from framework.interfaces import ModelInfo
 from framework.registry import get_registry
 
@@ -35,11 +35,10 @@ def local_tracking_uri(store_dir: Path = STORE_DIR) -> str:
 
 
 def configure() -> str:
-    """Point MLflow at ``MLFLOW_TRACKING_URI`` if set, else at the local store; return the URI."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI")
-    if not uri:
-        STORE_DIR.mkdir(exist_ok=True)
-        uri = local_tracking_uri()
+    """Point MLflow at ``MLFLOW_TRACKING_URI`` if set, else at the local store; return the URI.
+    The store is checked first (:func:`framework.stores.check`)."""
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or local_tracking_uri()
+    stores.check(uri)
     mlflow.set_tracking_uri(uri)
     return uri
 
@@ -118,14 +117,28 @@ def tracked_run(
     """An active MLflow run with config, params and model tags logged up front; nested under
     ``parent_run_id`` when it is one job of a sweep.
 
-    An exception ends the run FAILED (Ctrl-C: KILLED) with the error (and the plugin that raised
-    it) logged as tags and an artifact; everything logged before it stays.
+    An exception ends the run FAILED (Ctrl-C, SIGTERM: KILLED) with the error (and the plugin
+    that raised it) logged as tags and an artifact; everything logged before it stays. Against a
+    tracking server, the run's results go to the server through a local folder
+    (:func:`framework.upload.kept_locally`), so a server that goes away mid-run loses nothing.
     """
-    configure()
-    run = mlflow.start_run(
-        experiment_id=experiment_id(experiment), run_name=run_name, parent_run_id=parent_run_id,
-        tags={"config_hash": config_hash(config), **(tags or {})},
-    )
+    from framework.upload import kept_locally  # it builds on this module
+
+    uri = configure()
+    opened = kept_locally if stores.is_server(uri) else _local_run
+    with opened(uri, experiment, run_name, parent_run_id, {"config_hash": config_hash(config), **(tags or {})}) as run:
+        yield from _logged(run, config, info)
+
+
+@contextmanager
+def _local_run(uri: str, experiment: str, run_name: str | None, parent_run_id: str | None,
+               tags: Mapping[str, str]) -> Iterator[Any]:
+    yield mlflow.start_run(experiment_id=experiment_id(experiment), run_name=run_name,
+                           parent_run_id=parent_run_id, tags=dict(tags))
+
+
+def _logged(run: Any, config: Mapping[str, Any], info: ModelInfo) -> Iterator[Any]:
+    """The body of :func:`tracked_run` on the active run: log up front, end the run."""
     try:
         mlflow.set_tags(model_tags(info))
         params = {k: str(v)[:_MAX_PARAM_LENGTH] for k, v in flatten(config).items()}
@@ -136,11 +149,14 @@ def tracked_run(
         yield run
     except BaseException as error:
         status = RunStatus.to_string(RunStatus.KILLED if isinstance(error, KeyboardInterrupt) else RunStatus.FAILED)
-        mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
-        plugin = failing_plugin(error)
-        if plugin is not None:
-            mlflow.set_tag("error.plugin", plugin)
-        mlflow.log_text(traceback.format_exc(), "error.txt")
+        try:
+            mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
+            plugin = failing_plugin(error)
+            if plugin is not None:
+                mlflow.set_tag("error.plugin", plugin)
+            mlflow.log_text(traceback.format_exc(), "error.txt")
+        except Exception as logging_error:  # e.g. a full disk: the run must still end, with the first error
+            log.error("could not log the error to run %s: %s", run.info.run_id, logging_error)
         mlflow.end_run(status=status)
         log.error("run %s marked %s; what it logged so far is kept", run.info.run_id, status)
         error._mlflow_run_id = run.info.run_id  # read back by failed_run_id()

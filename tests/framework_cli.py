@@ -6,9 +6,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import socket
+import threading
+import time
+import urllib.request
 from pathlib import Path
+from typing import Callable
 
 from mlflow import MlflowClient
 from mlflow.entities import Run
@@ -37,6 +43,42 @@ def run(cwd: Path, *args: str, module: str = "framework", env: dict[str, str] | 
                           capture_output=True, text=True, timeout=600)
 
 
+def _ctrl_c_reaches_it() -> None:
+    """A shell ignores SIGINT in the jobs it starts in the background (``pytest ... &``), and a
+    child inherits that; a terminal's Ctrl-C reaches the command, so restore the default."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def run_watching(cwd: Path, *args: str, after: list[str], action: Callable[[subprocess.Popen], None],
+                 module: str = "framework", env: dict[str, str] | None = None) -> tuple[int, str]:
+    """Run the command (in a process group of its own) and call ``action`` on it once its output
+    has shown each of ``after`` in turn; its exit status and output."""
+    process = subprocess.Popen(command(*args, module=module), cwd=cwd, env=env or environment(), text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                               preexec_fn=_ctrl_c_reaches_it)
+    watchdog = threading.Timer(600, process.kill)
+    watchdog.start()
+    lines, waiting = [], list(after)
+    try:
+        for line in process.stdout:
+            lines.append(line)
+            if waiting and waiting[0] in line:
+                waiting.pop(0)
+                if not waiting:
+                    action(process)
+        return process.wait(), "".join(lines)
+    finally:
+        watchdog.cancel()
+
+
+def run_until_signalled(cwd: Path, *args: str, after: list[str], sig: int = signal.SIGINT, module: str = "framework",
+                        env: dict[str, str] | None = None) -> tuple[int, str]:
+    """Send ``sig`` to the command's process group (SIGINT: as a terminal's Ctrl-C does; SIGTERM:
+    as Slurm does at a time limit) once its output has shown each of ``after`` in turn."""
+    return run_watching(cwd, *args, after=after, action=lambda process: os.killpg(process.pid, sig),
+                        module=module, env=env)
+
+
 def local_store(cwd: Path) -> MlflowClient:
     return MlflowClient(tracking_uri=f"sqlite:///{cwd / 'mlruns' / 'mlflow.db'}")
 
@@ -62,3 +104,50 @@ def summary(client: MlflowClient, parent: Run, download_dir: Path) -> list[dict]
     path = Path(client.download_artifacts(parent.info.run_id, "sweep/summary.json", str(download_dir)))
     table = json.loads(path.read_text())
     return [dict(zip(table["columns"], row)) for row in table["data"]]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class TrackingServer:
+    """A real ``mlflow server`` on 127.0.0.1 (SQLite backend, artifacts served from a local
+    directory under ``root``); it can be stopped and started again on the same port and store."""
+
+    def __init__(self, root: Path):
+        self.root, self.port = root, free_port()
+        self.url, self.artifacts = f"http://127.0.0.1:{self.port}", root / "artifacts"
+        self.process: subprocess.Popen | None = None
+        root.mkdir(parents=True, exist_ok=True)
+
+    def start(self) -> None:
+        log = (self.root / "server.log").open("a")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
+             "--backend-store-uri", f"sqlite:///{self.root / 'db.sqlite'}", "--artifacts-destination", str(self.artifacts)],
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        log.close()
+        deadline = time.monotonic() + 120
+        while True:
+            assert self.process.poll() is None, (self.root / "server.log").read_text()[-3000:]
+            assert time.monotonic() < deadline, "mlflow server did not answer within 120 s"
+            try:
+                with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        if self.process is None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)  # the server and its workers: the group it leads
+        try:
+            self.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+        self.process = None

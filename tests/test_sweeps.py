@@ -5,51 +5,20 @@ run per job, a summary on the parent; Ctrl-C, resuming, redoing, failed jobs, pa
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import threading
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from framework_cli import TINY_GRID, command, environment, local_store, run, summary, sweep_runs
+from framework_cli import TINY_GRID, local_store, run, run_until_signalled, summary, sweep_runs
 
 TWO_BY_TWO = ["--multirun", "seed=0,2", "+intervention=zero_lowfreq,head_mask",
               "+detector=attn_mass", "detector.threshold=null", "detector.top_k=5", *TINY_GRID]
 
 
-def _ctrl_c_reaches_it() -> None:
-    """A shell ignores SIGINT in the jobs it starts in the background (``pytest ... &``), and a
-    child inherits that; a terminal's Ctrl-C reaches the command, so restore the default."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-
-
-def run_until_interrupted(cwd: Path, *args: str, after: list[str]) -> tuple[int, str]:
-    """Run the command and press Ctrl-C (SIGINT to its process group, as a terminal does) once
-    its output has shown each of ``after`` in turn."""
-    process = subprocess.Popen(command(*args), cwd=cwd, env=environment(), text=True,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-                               preexec_fn=_ctrl_c_reaches_it)
-    watchdog = threading.Timer(600, process.kill)
-    watchdog.start()
-    lines, waiting = [], list(after)
-    try:
-        for line in process.stdout:
-            lines.append(line)
-            if waiting and waiting[0] in line:
-                waiting.pop(0)
-                if not waiting:
-                    os.killpg(process.pid, signal.SIGINT)
-        return process.wait(), "".join(lines)
-    finally:
-        watchdog.cancel()
-
-
 @pytest.mark.e2e
 def test_a_two_by_two_sweep_nests_its_jobs_and_resumes_after_ctrl_c(tmp_path, embedded_model):
     # Ctrl-C during the third job, once its baseline is done
-    code, output = run_until_interrupted(tmp_path, *TWO_BY_TWO, after=["sweep job 3/4", "step 2/4: detection"])
+    code, output = run_until_signalled(tmp_path, *TWO_BY_TWO, after=["sweep job 3/4", "step 2/4: detection"])
     assert code == 130, output[-3000:]
     assert "interrupted: the run is marked KILLED" in output and "Traceback" not in output
     client = local_store(tmp_path)
@@ -60,7 +29,10 @@ def test_a_two_by_two_sweep_nests_its_jobs_and_resumes_after_ctrl_c(tmp_path, em
     assert "recall/baseline" in killed.data.metrics and "KeyboardInterrupt" in killed.data.tags["error"]
     samples = json.loads(Path(client.download_artifacts(killed.info.run_id, "samples.json", str(tmp_path))).read_text())
     assert {row[samples["columns"].index("condition")] for row in samples["data"]} == {"baseline"}  # partial, kept
-    assert [row["outcome"] for row in summary(client, parent, tmp_path / "first")] == ["finished", "finished"]
+    rows = summary(client, parent, tmp_path / "first")
+    assert [row["outcome"] for row in rows] == ["finished", "finished", "killed", "not started"]
+    assert rows[2]["run_id"] == killed.info.run_id and rows[3]["name"] == "seed=2 +intervention=head_mask"
+    assert "did not finish: job 3 (seed=2 +intervention=zero_lowfreq), 4 (seed=2 +intervention=head_mask)" in output
     first = {c.data.tags["config_hash"]: c.info.run_id for c in children if c.info.status == "FINISHED"}
 
     # the same command again: the two finished jobs are skipped, the other two run
@@ -86,7 +58,8 @@ def test_a_two_by_two_sweep_nests_its_jobs_and_resumes_after_ctrl_c(tmp_path, em
         assert 0 <= row["mcnemar/treatment_vs_control/p_value"] <= 1
     figure = Path(client.download_artifacts(resumed.info.run_id, "sweep/recall.png", str(tmp_path / "figure")))
     assert figure.stat().st_size > 0
-    assert resumed.data.metrics == {"sweep/finished": 2, "sweep/skipped": 2, "sweep/failed": 0}
+    assert resumed.data.metrics == {"sweep/finished": 2, "sweep/skipped": 2, "sweep/failed": 0, "sweep/killed": 0,
+                                    "sweep/not_started": 0}
 
 
 @pytest.mark.e2e
