@@ -10,6 +10,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 import traceback
 from contextlib import contextmanager, suppress
 from importlib.metadata import entry_points
@@ -19,7 +20,7 @@ from typing import Any, Iterator, Mapping
 import mlflow
 from mlflow.entities import RunStatus
 
-from framework import hookspecs
+from framework import cost, hookspecs
 from framework.interfaces import ModelInfo
 from framework.registry import get_registry
 
@@ -28,6 +29,22 @@ log = logging.getLogger(__name__)
 STORE_DIR = Path("mlruns")
 _MAX_PARAM_LENGTH = 6000
 _PARAMS_PER_CALL = 100
+
+# MLflow 3.17's UI opens an experiment on its GenAI overview unless the address says
+# workflowType=machine_learning (else the browser's last choice of the "GenAI / Model training"
+# switch decides); the kind tag is what the UI reads when that switch is off.
+_UI_QUERY = "workflowType=machine_learning"
+_EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+# A saved view of the runs table (MLflow keeps saved views as experiment tags, listed under
+# "Views"): the columns a researcher compares, opened by the addresses this module prints.
+RUNS_VIEW = "retrieval-heads"
+RUNS_VIEW_COLUMNS = [
+    "attributes.`Dataset`",
+    *(f"tags.`{tag}`" for tag in ("model.family", "task", "detector", "intervention")),
+    *(f"metrics.`{metric}`" for metric in ("recall/baseline", "recall/treatment", "recall/control", "heads/selected",
+                                           "permutation/treatment_vs_control/p_value", "cost/wall_time_s",
+                                           "cost/peak_rss_mb")),
+]
 
 
 def local_tracking_uri(store_dir: Path = STORE_DIR) -> str:
@@ -48,14 +65,43 @@ def experiment_id(name: str) -> str:
     """The experiment's id, created on first use (artifacts under mlruns/artifacts when local)."""
     existing = mlflow.get_experiment_by_name(name)
     if existing is not None:
+        for key, value in _experiment_tags(existing.tags).items():  # experiments made before these tags
+            mlflow.MlflowClient().set_experiment_tag(existing.experiment_id, key, value)
         return existing.experiment_id
     artifact_location = None
     if mlflow.get_tracking_uri() == local_tracking_uri():  # a server decides its own artifact root
         artifact_location = (STORE_DIR / "artifacts").resolve().as_uri()
     try:
-        return mlflow.create_experiment(name, artifact_location=artifact_location)
+        return mlflow.create_experiment(name, artifact_location=artifact_location, tags=_experiment_tags({}))
     except mlflow.exceptions.MlflowException:  # created concurrently by another job
         return mlflow.get_experiment_by_name(name).experiment_id
+
+
+def _experiment_tags(existing: Mapping[str, str]) -> dict[str, str]:
+    """The tags that make the UI open the experiment on the runs table with its saved view, less
+    those already set (a view the user has changed and saved is kept)."""
+    now = int(time.time() * 1000)
+    view = {"name": RUNS_VIEW, "createdAt": now, "updatedAt": now,
+            "state": json.dumps({"selectedColumns": RUNS_VIEW_COLUMNS})}
+    wanted = {**_EXPERIMENT_KIND, f"mlflow.sharedViewState.{RUNS_VIEW}": json.dumps(view)}
+    return {key: value for key, value in wanted.items() if key not in existing}
+
+
+def run_address(run_id: str) -> str:
+    """Where to see a run and its experiment's runs table: URLs on a tracking server; for a local
+    store, the same pages on 127.0.0.1:5000 once ``mlflow ui`` (the command given) is up."""
+    uri = mlflow.get_tracking_uri()
+    experiment = mlflow.get_run(run_id).info.experiment_id
+    remote = uri.startswith(("http://", "https://"))
+    server = uri.rstrip("/") if remote else "http://127.0.0.1:5000"
+    how = "" if remote else f"after `mlflow ui --backend-store-uri {uri}`; "
+    return (f"run page: {server}/#/experiments/{experiment}/runs/{run_id}?{_UI_QUERY}\n"
+            f"  {how}runs table: {server}/#{runs_page(experiment)}")
+
+
+def runs_page(experiment: str) -> str:
+    """The UI page (after ``#``) of an experiment's runs table in the project's saved view."""
+    return f"/experiments/{experiment}/runs?{_UI_QUERY}&viewStateShareKey={RUNS_VIEW}"
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -74,6 +120,15 @@ def config_hash(config: Mapping[str, Any]) -> str:
     """Identity of a resolved job config (tag ``config_hash``): a re-run sweep skips jobs whose
     config already has a FINISHED run, so the hash must not depend on key order."""
     return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def run_label(config: Mapping[str, Any], model: str) -> str:
+    """The default run name: what ran (model, detector, intervention, task, seed) and the start of
+    the config hash, which tells apart runs whose configs differ elsewhere."""
+    plugins = [config[kind]["name"] for kind in ("detector", "intervention", "task")
+               if isinstance(config.get(kind), Mapping) and "name" in config[kind]]
+    seed = [f"seed{config['seed']}"] if "seed" in config else []
+    return "-".join([model, *plugins, *seed, config_hash(config)[:6]])
 
 
 def failing_plugin(error: BaseException) -> str | None:
@@ -123,8 +178,11 @@ def tracked_run(
     """
     configure()
     run = mlflow.start_run(
-        experiment_id=experiment_id(experiment), run_name=run_name, parent_run_id=parent_run_id,
+        experiment_id=experiment_id(experiment), parent_run_id=parent_run_id,
+        run_name=run_name or (tags or {}).get("mlflow.runName") or run_label(config, info.name),
         tags={"config_hash": config_hash(config), **(tags or {})},
+        # CPU, memory (and GPU with nvidia-ml-py) every 10 s; MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false turns it off
+        log_system_metrics=None if "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING" in os.environ else True,
     )
     try:
         mlflow.set_tags(model_tags(info))
@@ -133,7 +191,8 @@ def tracked_run(
         for start in range(0, len(items), _PARAMS_PER_CALL):
             mlflow.log_params(dict(items[start : start + _PARAMS_PER_CALL]))
         mlflow.log_dict(dict(config), "config.yaml")
-        yield run
+        with cost.measured():
+            yield run
     except BaseException as error:
         status = RunStatus.to_string(RunStatus.KILLED if isinstance(error, KeyboardInterrupt) else RunStatus.FAILED)
         mlflow.set_tag("error", f"{type(error).__name__}: {error}"[:5000])
