@@ -3,14 +3,15 @@
 Each split is logged with ``mlflow.log_input`` (context ``eval`` or ``detect``): its name says
 task, split, seed and context lengths; its schema lists the per-sample columns (context length,
 needle depth, prompt length in tokens, answer, ...); its source is the task's config (including a
-data file's ``path`` where the task reads one); its digest is a hash of those columns and of every
-prompt's token ids, so runs on the same samples show the same digest in the runs table's Dataset
+data file's ``path`` where the task reads one); its digest is a SHA-256 of those columns, every
+prompt's token ids among them, so runs on the same samples show the same digest in the runs table's Dataset
 column and runs on different samples different ones.
 """
 
 from __future__ import annotations
 
 import hashlib
+import warnings
 from typing import Any, Mapping
 
 import mlflow
@@ -36,4 +37,7 @@ def log_samples(samples: list[Sample], task_config: Mapping[str, Any], split: st
     lengths = sorted(frame["context_length"].unique()) if "context_length" in frame else []
     name = f"{task_config['name']}-{split}-seed{seed}" + (f"-len{'/'.join(map(str, lengths))}" if lengths else "")
     source = CodeDatasetSource({**task_config, "split": split, "seed": seed})
-    mlflow.log_input(mlflow.data.from_pandas(frame, source=source, name=name), context=split)
+    digest = hashlib.sha256(frame.to_json(orient="split").encode()).hexdigest()[:8]
+    with warnings.catch_warnings():  # the schema describes samples that never miss values
+        warnings.filterwarnings("ignore", "Hint: Inferred schema contains integer column", UserWarning)
+        mlflow.log_input(mlflow.data.from_pandas(frame, source=source, name=name, digest=digest), context=split)

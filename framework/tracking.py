@@ -36,15 +36,18 @@ _PARAMS_PER_CALL = 100
 _UI_QUERY = "workflowType=machine_learning"
 _EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 # A saved view of the runs table (MLflow keeps saved views as experiment tags, listed under
-# "Views"): the columns a researcher compares, opened by the addresses this module prints.
+# "Views"): the columns a researcher compares, in this order, opened by the addresses printed.
 RUNS_VIEW = "retrieval-heads"
 RUNS_VIEW_COLUMNS = [
     "attributes.`Dataset`",
-    *(f"tags.`{tag}`" for tag in ("model.family", "task", "detector", "intervention")),
-    *(f"metrics.`{metric}`" for metric in ("recall/baseline", "recall/treatment", "recall/control", "heads/selected",
-                                           "permutation/treatment_vs_control/p_value", "cost/wall_time_s",
-                                           "cost/peak_rss_mb")),
+    *(f"metrics.`{metric}`" for metric in ("recall/baseline", "recall/treatment", "recall/control",
+                                           "permutation/treatment_vs_control/p_value", "heads/selected")),
+    "tags.`model.family`",
+    "metrics.`cost/wall_time_s`",
+    "metrics.`cost/peak_rss_mb`",
 ]
+_RUNS_VIEW_STATE = {"selectedColumns": RUNS_VIEW_COLUMNS, "columnOrder": ["attributes.`Run Name`", *RUNS_VIEW_COLUMNS],
+                    "columnWidths": {"attributes.`Run Name`": 360, "attributes.`Dataset`": 240}}
 
 
 def local_tracking_uri(store_dir: Path = STORE_DIR) -> str:
@@ -82,7 +85,7 @@ def _experiment_tags(existing: Mapping[str, str]) -> dict[str, str]:
     those already set (a view the user has changed and saved is kept)."""
     now = int(time.time() * 1000)
     view = {"name": RUNS_VIEW, "createdAt": now, "updatedAt": now,
-            "state": json.dumps({"selectedColumns": RUNS_VIEW_COLUMNS})}
+            "state": json.dumps(_RUNS_VIEW_STATE)}
     wanted = {**_EXPERIMENT_KIND, f"mlflow.sharedViewState.{RUNS_VIEW}": json.dumps(view)}
     return {key: value for key, value in wanted.items() if key not in existing}
 

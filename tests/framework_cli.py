@@ -6,9 +6,15 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 from mlflow import MlflowClient
 from mlflow.entities import Run
@@ -35,6 +41,42 @@ def run(cwd: Path, *args: str, module: str = "framework", env: dict[str, str] | 
         ) -> subprocess.CompletedProcess:
     return subprocess.run(command(*args, module=module), cwd=cwd, env=env or environment(),
                           capture_output=True, text=True, timeout=600)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def serving(*args: str, log_path: Path) -> Iterator[str]:
+    """``mlflow <args> --host 127.0.0.1 --port <free port>`` (``server`` or ``ui``) until the block
+    ends; yields its URL once it answers /health. Its output goes to ``log_path``."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with log_path.open("w") as log:
+        server = subprocess.Popen([sys.executable, "-m", "mlflow", *args, "--host", "127.0.0.1", "--port", str(port)],
+                                  stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 180
+            while True:
+                assert server.poll() is None, log_path.read_text()[-3000:]
+                assert time.monotonic() < deadline, f"mlflow {args[0]} did not answer within 180 s"
+                try:
+                    with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                        if response.status == 200:
+                            break
+                except OSError:
+                    time.sleep(0.5)
+            yield url
+        finally:
+            os.killpg(server.pid, signal.SIGTERM)  # the server and its workers: the group it leads
+            try:
+                server.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, signal.SIGKILL)
+                server.wait()
 
 
 def local_store(cwd: Path) -> MlflowClient:

@@ -5,58 +5,21 @@ everything read back through the client API."""
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
-from framework_cli import TINY_GRID, environment, run, summary, sweep_runs
+from framework_cli import TINY_GRID, environment, run, serving, summary, sweep_runs
 from mlflow import MlflowClient
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture
 def tracking_server(tmp_path):
     """The server's URL and its artifact directory; the server is stopped afterwards."""
-    port, root = free_port(), tmp_path / "server"
+    root = tmp_path / "server"
     root.mkdir()
-    log = (root / "server.log").open("w")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{root / 'db.sqlite'}", "--artifacts-destination", str(root / "artifacts")],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, (root / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "mlflow server did not answer within 120 s"
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
+    with serving("server", "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'db.sqlite'}",
+                 "--artifacts-destination", str(root / "artifacts"), log_path=root / "server.log") as url:
         yield url, root / "artifacts"
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)  # the server and its workers: the group it leads
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        log.close()
 
 
 @pytest.mark.e2e
@@ -68,6 +31,7 @@ def test_a_sweep_against_a_tracking_server(tmp_path, tracking_server, embedded_m
                  "+intervention=zero_lowfreq,head_mask", *TINY_GRID, env=environment(tracking_uri=url))
     assert result.returncode == 0, result.stderr[-3000:]
     assert not (work / "mlruns").exists()  # nothing went to the local store
+    assert result.stdout.count(f"run page: {url}/#/experiments/") == 2  # each job's page, on the server
 
     client = MlflowClient(tracking_uri=url)
     parent, children = sweep_runs(client)
