@@ -47,7 +47,7 @@ RUNS_VIEW_COLUMNS = [
     "metrics.`cost/peak_rss_mb`",
 ]
 _RUNS_VIEW_STATE = {"selectedColumns": RUNS_VIEW_COLUMNS, "columnOrder": ["attributes.`Run Name`", *RUNS_VIEW_COLUMNS],
-                    "columnWidths": {"attributes.`Run Name`": 360, "attributes.`Dataset`": 240}}
+                    "columnWidths": {"attributes.`Run Name`": 420, "attributes.`Dataset`": 240}}
 
 
 def local_tracking_uri(store_dir: Path = STORE_DIR) -> str:

@@ -4,6 +4,7 @@ logged to the MLflow run also when the run fails."""
 
 from __future__ import annotations
 
+import mlflow
 import numpy as np
 import psutil
 import pytest
@@ -35,10 +36,10 @@ def test_forward_passes_and_tokens_per_step():
     forward(model, 3, 4, embeds=True)
     meter.close()
     forward(model, 1, 9)  # after close(): the hook is gone
-    metrics = meter.metrics()
+    metrics, steps = meter.metrics(), meter.report()["steps"]
     assert metrics["cost/forward_passes"] == 3 and metrics["cost/tokens"] == 2 * 7 + 2 * 1 + 3 * 4
-    assert metrics["cost/step/first/forward_passes"] == 2 and metrics["cost/step/first/tokens"] == 16
-    assert metrics["cost/step/detection_qnorm/tokens"] == 12  # a metric name MLflow accepts
+    assert steps["first"]["forward_passes"] == 2 and steps["first"]["tokens"] == 16
+    assert steps["detection_qnorm"]["tokens"] == 12  # named as MLflow metric names must be
     steps = metrics["cost/step/first/wall_time_s"] + metrics["cost/step/detection_qnorm/wall_time_s"]
     assert 0 < steps <= metrics["cost/wall_time_s"]
     assert meter.tags == {"device": "cpu", "dtype": "float32"}
@@ -59,8 +60,6 @@ def test_peak_memory_covers_what_the_run_held():
 @pytest.fixture
 def store(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    import mlflow
-
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     return mlflow
 
@@ -74,6 +73,9 @@ def test_cost_is_logged_also_when_the_run_fails(store):
             forward(model, 1, 6)
             raise ValueError("late failure")
     logged = MlflowClient().get_run(run.info.run_id).data
-    assert logged.metrics["cost/forward_passes"] == 1 and logged.metrics["cost/step/baseline/tokens"] == 6
+    assert logged.metrics["cost/forward_passes"] == 1 and logged.metrics["cost/tokens"] == 6
+    assert logged.metrics["cost/step/baseline/wall_time_s"] > 0
+    report = mlflow.artifacts.load_dict(f"{run.info.artifact_uri}/cost.json")
+    assert report["steps"]["baseline"]["tokens"] == 6 and report["device"] == "cpu"
     assert logged.tags["device"] == "cpu" and logged.tags["dtype"] == "float32"
     cost.step("outside a run")  # no meter: nothing to count, no error
