@@ -16,6 +16,7 @@ import re
 import shutil
 from pathlib import Path
 
+import matplotlib.pyplot as plt
 import pytest
 from framework_cli import TINY_GRID, local_store, run, serving
 
@@ -124,6 +125,8 @@ def test_compare_two_runs_in_the_browser(two_runs, tmp_path):
             page.get_by_text(node, exact=True).click()
         heatmap = page.locator("img[src^='blob:']").first
         expect(heatmap).to_be_visible()
-        assert heatmap.evaluate("image => image.naturalWidth") > 0  # the PNG decoded
+        logged = client.download_artifacts(runs["zero_lowfreq"].info.run_id, "detector/attn_mass/heatmap.png", str(tmp_path))
+        height, width = plt.imread(logged).shape[:2]
+        assert heatmap.evaluate("image => [image.naturalWidth, image.naturalHeight]") == [width, height]  # that PNG
         page.screenshot(path=shots / "heatmap.png")
         browser.close()
