@@ -60,6 +60,8 @@ def run_or_exit(run: Callable[[dict], dict[str, float]], cfg: DictConfig) -> dic
 
 def print_result(context: RunContext) -> None:
     """Recall per condition (random controls summarised), the p-values and any claim verdict."""
+    from framework.tracking import run_address  # where to see the run in the MLflow UI
+
     nulls = [v.mean() for k, v in context.outcomes.items() if k.startswith("null.")]
     summary = ", ".join(f"{k}={v.mean():.3f}" for k, v in context.outcomes.items() if not k.startswith("null."))
     if nulls:
@@ -68,6 +70,7 @@ def print_result(context: RunContext) -> None:
     for key, value in context.metrics.items():
         if key.endswith("p_value") or key.startswith("claim/"):
             print(f"  {key} = {value:.4g}")
+    print(run_address(context.run_id))
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")

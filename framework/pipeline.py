@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
 
-from framework import plots, tracking, validation
+from framework import cost, dataset_inputs, plots, tracking, validation
 from framework.attention import AttentionEdit
 from framework.conditions import BASELINE, Plan, comparisons, is_dosed
 from framework.generation import greedy_generate
@@ -152,6 +152,7 @@ class _Steps:
 
     def start(self, name: str, detail: str) -> None:
         self.done += 1
+        cost.step(name)
         log.info("step %d/%d: %s (%s)", self.done, self.total, name, detail)
 
 
@@ -193,10 +194,13 @@ def run(
         mlflow.set_tags({"task": task.name, "detector": getattr(detector, "name", "none"),
                          "intervention": plan.intervention.name if plan else "none",
                          **({"claim": config["claim"]} if config.get("claim") else {})})
+        cost.step("load_model")
         context.model = model = load_model(config["model"])
+        cost.watch(model.model)
         registry.manager.hook.run_started(context=context)
 
         samples = task.build_samples(model.tokenizer, "eval", config["seed"])
+        dataset_inputs.log_samples(samples, config["task"], "eval", config["seed"])
         mlflow.log_metric("samples", len(samples))
         outputs: dict[str, list[str]] = {}
         batch_size = config["batch_size"]
@@ -206,6 +210,7 @@ def run(
 
             if detector is not None:
                 detect_samples = task.build_samples(model.tokenizer, "detect", config["detect_seed"])
+                dataset_inputs.log_samples(detect_samples, config["task"], "detect", config["detect_seed"])
                 steps.start("detection", f"{detector.name} on {len(detect_samples)} samples")
                 with labelled("detection"):
                     context.head_scores = detector.detect(model, detect_samples)
@@ -237,6 +242,7 @@ def run(
                     outputs[condition.label], context.outcomes[condition.label] = _evaluate(
                         condition.label, model, task, samples, condition.edit, batch_size)
 
+        cost.step("analysis")
         table = _sample_table(samples, outputs, context.outcomes, context.conditions)
         mlflow.log_table(table, "samples.json")
         if "depth" in table:

@@ -51,7 +51,8 @@ def kept_locally(server_uri: str, experiment: str, run_name: str | None, parent_
     stores.create_sqlite_store(folder / "mlflow.db")
     mlflow.set_tracking_uri(_store_uri(folder))
     local_experiment = mlflow.create_experiment(experiment, artifact_location=(folder / "artifacts").as_uri())
-    mlflow.start_run(experiment_id=local_experiment, run_name=server_run.info.run_name, tags=run_tags)
+    mlflow.start_run(experiment_id=local_experiment, run_name=server_run.info.run_name, tags=run_tags,
+                     log_system_metrics=tracking.system_metrics())
     try:
         yield server_run
     except BaseException:

@@ -7,14 +7,15 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
-import socket
 import threading
 import time
 import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from mlflow import MlflowClient
 from mlflow.entities import Run
@@ -113,27 +114,29 @@ def free_port() -> int:
 
 
 class TrackingServer:
-    """A real ``mlflow server`` on 127.0.0.1 (SQLite backend, artifacts served from a local
-    directory under ``root``); it can be stopped and started again on the same port and store."""
+    """A real ``mlflow server`` (or, with ``args``, ``mlflow ui`` or any other serving command) on
+    127.0.0.1; by default a SQLite backend with artifacts served from ``root/artifacts``. It can be
+    stopped and started again on the same port and store."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, *args: str):
         self.root, self.port = root, free_port()
         self.url, self.artifacts = f"http://127.0.0.1:{self.port}", root / "artifacts"
+        self.args = args or ("server", "--workers", "1", "--backend-store-uri", f"sqlite:///{root / 'db.sqlite'}",
+                             "--artifacts-destination", str(self.artifacts))
         self.process: subprocess.Popen | None = None
         root.mkdir(parents=True, exist_ok=True)
 
     def start(self) -> None:
         log = (self.root / "server.log").open("a")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1",
-             "--backend-store-uri", f"sqlite:///{self.root / 'db.sqlite'}", "--artifacts-destination", str(self.artifacts)],
+            [sys.executable, "-m", "mlflow", *self.args, "--host", "127.0.0.1", "--port", str(self.port)],
             stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         log.close()
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + 180
         while True:
             assert self.process.poll() is None, (self.root / "server.log").read_text()[-3000:]
-            assert time.monotonic() < deadline, "mlflow server did not answer within 120 s"
+            assert time.monotonic() < deadline, f"mlflow {self.args[0]} did not answer within 180 s"
             try:
                 with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
                     if response.status == 200:
@@ -151,3 +154,14 @@ class TrackingServer:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
         self.process = None
+
+
+@contextmanager
+def serving(root: Path, *args: str) -> Iterator[TrackingServer]:
+    """A :class:`TrackingServer` that answers for the duration of the block."""
+    server = TrackingServer(root, *args)
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()

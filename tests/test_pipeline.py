@@ -14,10 +14,16 @@ from framework.registry import get_registry
 class Observer:
     def __init__(self):
         self.started_with_model = False
+        self.passes = self.tokens = 0
 
     @hookimpl
     def run_started(self, context):
         self.started_with_model = context.model is not None and mlflow.active_run() is not None
+        context.model.model.register_forward_pre_hook(self.count, with_kwargs=True)  # a count of its own
+
+    def count(self, module, args, kwargs):
+        self.passes += 1
+        self.tokens += kwargs["input_ids"].numel()
 
     @hookimpl
     def run_finished(self, context):
@@ -45,3 +51,9 @@ def test_baseline_only_run_with_lifecycle_hooks(tmp_path, monkeypatch, compose_c
     assert run.data.metrics["observer/baseline_correct"] == context.outcomes["baseline"].sum()
     assert not any(key.endswith("p_value") for key in run.data.metrics)  # nothing to compare
     assert run.info.artifact_uri.startswith((tmp_path / "mlruns" / "artifacts").as_uri())
+    # the run's cost, against the observer's own count; its samples as the one dataset input
+    assert (run.data.metrics["cost/forward_passes"], run.data.metrics["cost/tokens"]) == (observer.passes, observer.tokens)
+    assert observer.tokens >= 3 * 200 and run.data.tags["device"] == "cpu"
+    assert run.data.metrics["cost/step/baseline/wall_time_s"] <= run.data.metrics["cost/wall_time_s"]
+    [evaluated] = run.inputs.dataset_inputs
+    assert evaluated.dataset.name == "passkey-eval-seed0-len200" and evaluated.tags[0].value == "eval"

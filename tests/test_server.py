@@ -33,6 +33,7 @@ def test_a_sweep_against_a_tracking_server(tmp_path, tracking_server, embedded_m
     assert result.returncode == 0, result.stderr[-3000:]
     assert not (work / "mlruns" / "mlflow.db").exists()  # nothing went to the local store
     assert not list((work / "mlruns" / "pending").iterdir())  # every run's results reached the server
+    assert result.stdout.count(f"run page: {url}/#/experiments/") == 2  # each job's page, on the server
 
     client = MlflowClient(tracking_uri=url)
     parent, children = sweep_runs(client)

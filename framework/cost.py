@@ -1,0 +1,155 @@
+"""What a run actually cost, logged to its MLflow run when it ends (a failed run's too).
+
+:func:`measured` wraps every tracked run (:func:`framework.tracking.tracked_run`); the pipeline
+names its steps with :func:`step` and hands over the loaded model with :func:`watch`, whose
+forward pre-hook counts every forward pass through the top-level model (greedy decoding, detection,
+interventions alike) and the token positions each one computes.
+
+Metrics: ``cost/wall_time_s``, ``cost/forward_passes``, ``cost/tokens``, ``cost/peak_rss_mb`` (the
+process's peak resident memory during the run), ``cost/cuda_peak_mb`` on a GPU, and
+``cost/step/<step>/wall_time_s`` per step. Tags: ``device``, ``dtype``. Artifact ``cost.json``: all
+of it, with forward passes and tokens per step (kept out of the metrics, which the UI lists
+alphabetically: a dozen more ``cost/`` rows would push recall down the compare view).
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import time
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import mlflow
+
+_STATUS = Path("/proc/self/status")  # Linux: VmHWM, the peak resident memory
+_CLEAR_REFS = Path("/proc/self/clear_refs")  # Linux: writing 5 restarts VmHWM from the current RSS
+
+
+@dataclass
+class Tally:
+    wall_time_s: float = 0.0
+    forward_passes: int = 0
+    tokens: int = 0
+
+
+class Meter:
+    """One run's cost, counted from its creation until :meth:`close`."""
+
+    def __init__(self) -> None:
+        with suppress(OSError):  # several runs in one process (a sweep's jobs): each its own peak
+            _CLEAR_REFS.write_text("5")
+        self.started = self.step_started = time.perf_counter()
+        self.total = Tally()
+        self.steps: dict[str, Tally] = {}
+        self.current: Tally | None = None
+        self.tags: dict[str, str] = {}
+        self.cuda_device: Any = None
+        self._hook: Any = None
+
+    def step(self, name: str) -> None:
+        """End the current step (if any) and start counting ``name``."""
+        self._end_step()
+        self.current = self.steps.setdefault(re.sub(r"[^\w\-.:/]+", "_", name).strip("_"), Tally())
+
+    def watch(self, model: Any) -> None:
+        """Count the forward passes and tokens of ``model`` (a torch module) and note its device
+        and dtype; on a GPU, start its peak-memory count afresh."""
+        import torch
+
+        self.tags = {"device": str(model.device), "dtype": str(model.dtype).removeprefix("torch.")}
+        if model.device.type == "cuda":
+            self.cuda_device = model.device
+            torch.cuda.reset_peak_memory_stats(model.device)
+        self._hook = model.register_forward_pre_hook(self._count, with_kwargs=True)
+
+    def _count(self, module: Any, args: tuple, kwargs: dict) -> None:
+        inputs = kwargs.get("input_ids")
+        if inputs is None:
+            inputs = kwargs["inputs_embeds"] if kwargs.get("inputs_embeds") is not None else args[0]
+        tokens = int(inputs.shape[0] * inputs.shape[1])  # [batch, positions computed in this pass]
+        for tally in filter(None, (self.total, self.current)):
+            tally.forward_passes += 1
+            tally.tokens += tokens
+
+    def _end_step(self) -> None:
+        now = time.perf_counter()
+        if self.current is not None:
+            self.current.wall_time_s += now - self.step_started
+        self.step_started = now
+
+    def close(self) -> None:
+        self._end_step()
+        self.current = None
+        self.total.wall_time_s = time.perf_counter() - self.started
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+
+    def metrics(self) -> dict[str, float]:
+        metrics = {f"cost/{key}": float(value) for key, value in vars(self.total).items()}
+        metrics["cost/peak_rss_mb"] = peak_rss_mb()
+        if self.cuda_device is not None:
+            import torch
+
+            metrics["cost/cuda_peak_mb"] = torch.cuda.max_memory_allocated(self.cuda_device) / 2**20
+        return metrics | {f"cost/step/{name}/wall_time_s": tally.wall_time_s for name, tally in self.steps.items()}
+
+    def report(self) -> dict[str, Any]:
+        """Everything measured, per step in full: the run's ``cost.json``."""
+        return {"metrics": self.metrics(), **self.tags, "steps": {name: vars(t) for name, t in self.steps.items()}}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MiB (on Linux since the last :class:`Meter` began)."""
+    with suppress(OSError):
+        for line in _STATUS.read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    import resource  # elsewhere: the peak over the process's life
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+
+_active: Meter | None = None
+
+
+@contextmanager
+def measured() -> Iterator[Meter]:
+    """Count the active MLflow run's cost in this block and log it at the end, also when the block
+    fails (the run's own error is then the one raised)."""
+    global _active
+    _active = meter = Meter()
+    try:
+        yield meter
+    except BaseException:
+        with suppress(Exception):
+            _log(meter)
+        raise
+    else:
+        _log(meter)
+    finally:
+        _active = None
+
+
+def _log(meter: Meter) -> None:
+    meter.close()
+    mlflow.log_metrics(meter.metrics())
+    mlflow.log_dict(meter.report(), "cost.json")
+    if meter.tags:
+        mlflow.set_tags(meter.tags)
+
+
+def step(name: str) -> None:
+    """Start counting the step ``name`` of the run being measured (none: nothing to count)."""
+    if _active is not None:
+        _active.step(name)
+
+
+def watch(model: Any) -> None:
+    """Count ``model``'s forward passes and tokens in the run being measured (none: nothing to count)."""
+    if _active is not None:
+        _active.watch(model)
