@@ -48,6 +48,8 @@ def run_or_exit(run: Callable[[dict], dict[str, float]], cfg: DictConfig) -> dic
 
 def print_result(context: RunContext) -> None:
     """Recall per condition (random controls summarised), the p-values and any claim verdict."""
+    if not context.run_id:  # dry_run: the plan was printed, no run was made
+        return
     nulls = [v.mean() for k, v in context.outcomes.items() if k.startswith("null.")]
     summary = ", ".join(f"{k}={v.mean():.3f}" for k, v in context.outcomes.items() if not k.startswith("null."))
     if nulls:

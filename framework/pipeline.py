@@ -19,7 +19,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
 
-from framework import plots, tracking
+from framework import lengths, planner, plots, tracking
 from framework.attention import AttentionEdit
 from framework.conditions import BASELINE, Plan, comparisons, is_dosed
 from framework.generation import greedy_generate
@@ -170,6 +170,9 @@ def run(
         if plugin is not None:
             plugin.validate(info)
     plan = Plan.from_config(config, registry, info) if config.get("intervention") else None
+    estimate = planner.estimate_run(config, registry, task, detector, extra_detectors, plan.n_conditions if plan else 0)
+    if config.get("dry_run"):
+        return RunContext(config=dict(config), run_id="")  # the plan is printed; no run is created
 
     steps = _Steps(1 + (detector is not None) + len(extra_detectors) + (plan.n_conditions if plan else 0))
     with tracking.tracked_run(config, info, config["experiment"], config.get("run_name"), parent_run_id, tags) as active:
@@ -177,6 +180,7 @@ def run(
         mlflow.set_tags({"task": task.name, "detector": getattr(detector, "name", "none"),
                          "intervention": plan.intervention.name if plan else "none",
                          **({"claim": config["claim"]} if config.get("claim") else {})})
+        planner.log_estimate(estimate)
         context.model = model = load_model(config["model"])
         registry.manager.hook.run_started(context=context)
 
@@ -202,6 +206,7 @@ def run(
                     _log_head_scores(result, f"detectors/{key}")
                     mlflow.log_metrics({f"detectors/{key}/{name}": value
                                         for name, value in _detector_agreement(context.head_scores, result).items()})
+                lengths.detect_across_lengths(config, registry, {"main": detector, **extra_detectors}, model)
                 if plan is not None and not context.head_scores.selected:
                     raise ConfigError(
                         f"detector {detector.name!r} selected no heads (max score "
@@ -223,6 +228,8 @@ def run(
         if "depth" in table:
             shown = table[table["role"] != "null"]
             mlflow.log_figure(plots.recall_by_condition(shown, "depth"), "recall_by_depth.png")
+            if table.get("context_length", pd.Series(dtype=float)).nunique() > 1:
+                mlflow.log_figure(plots.recall_by_length_and_depth(shown), "recall_by_length_depth.png")
 
         context.metrics.update(_test_comparisons(context, stats, comparisons(context.conditions)))
         context.metrics.update(_null_metrics(context))
@@ -237,4 +244,5 @@ def run(
             context.metrics.update(extra or {})
         if context.metrics:
             mlflow.log_metrics(context.metrics)
+        planner.log_accuracy(estimate)
     return context
