@@ -127,7 +127,7 @@ def test_bad_haystack_and_needle_files_are_config_errors(tmp_path, make, message
 
 # --- end to end ---------------------------------------------------------------------------------
 def _cli(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     env.pop("MLFLOW_TRACKING_URI", None)
     return subprocess.run([sys.executable, "-m", "framework", *overrides], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=900)
