@@ -44,7 +44,8 @@ def main() -> None:
         if args.recalibrate:
             from framework.models import cache_root
 
-            for cached in (cache_root() / "cost").glob("*.json"):
+            model = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("model=")), "smollm2_135m")
+            for cached in (cache_root() / "cost").glob(f"{model}-*.json"):
                 cached.unlink()
             run(cwd, ["dry_run=true", *args.overrides])
         for length in args.lengths:

@@ -30,6 +30,8 @@ import json
 import logging
 import os
 import re
+import resource
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -58,7 +60,12 @@ _GIB = 2**30
 
 # --- measuring ------------------------------------------------------------------------------
 def _proc_kib(field_name: str) -> int:
-    return int(re.search(rf"{field_name}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+    """A memory field of /proc/self/status (Linux); elsewhere the lifetime peak RSS stands in."""
+    try:
+        return int(re.search(rf"{field_name}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+    except OSError:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak // 1024 if sys.platform == "darwin" else peak  # bytes on macOS, KiB on Linux
 
 
 def _trim() -> None:
@@ -129,6 +136,7 @@ class Calibration:
     decode: list[float]  # d0, d1, d2
     memory: list[float]  # m0, m1, m2 masked
     points: list[dict[str, float]]
+    load_average: float = 0.0  # the machine's 1-minute load while calibrating: a busy machine inflates the times
 
 
 def _sliding(config: Any) -> bool:
@@ -226,6 +234,7 @@ def calibrate(spec: Mapping[str, Any]) -> Calibration:
     calibration = Calibration(
         model=spec["name"], device=device.type, dtype=str(dtype).removeprefix("torch."), threads=torch.get_num_threads(),
         load_seconds=load_seconds, weights_bytes=int(weights), load_peak_bytes=int(load_peak), **fit_costs(points),
+        load_average=os.getloadavg()[0],
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_suffix(f".{os.getpid()}.tmp")
@@ -416,7 +425,8 @@ def estimate_run(
                           f"(its positions less task.max_new_tokens): shorten the task")
     cal = calibrate(spec)
     device = resolve_device(spec.get("device", "auto"))
-    weights = weights_bytes(model_cfg, resolve_dtype(spec.get("dtype", "auto"), device))
+    dtype = resolve_dtype(spec.get("dtype", "auto"), device)
+    weights = weights_bytes(model_cfg, dtype)
     sliding, notes = _sliding(model_cfg), []
     batch_size, new_tokens = int(config["batch_size"]), int(task.max_new_tokens)
     steps = [_generation("baseline", samples, batch_size, new_tokens, sliding, cal)]
@@ -428,8 +438,13 @@ def estimate_run(
         detect_at = at_length.build_samples(tokenizer, "detect", config["detect_seed"])
         for key, plugin in [("main", detector), *extra_detectors.items()]:
             steps.append(_detection(f"detection {key} @ {length}", plugin, detect_at, sliding, cal, notes))
-    for index in range(n_treatments):
-        steps.append(_generation(f"condition {index + 1}/{n_treatments}", samples, batch_size, new_tokens, sliding, cal))
+    if n_treatments:  # every condition generates on the same samples: one step's work, n times
+        each = _generation(f"{n_treatments} conditions", samples, batch_size, new_tokens, sliding, cal)
+        steps.append(Step(each.name, each.samples, each.passes * n_treatments, each.tokens * n_treatments,
+                          each.decode_steps * n_treatments, each.seconds * n_treatments, each.transient_bytes))
+    if cal.load_average > 1.5 * os.cpu_count():
+        notes.append(f"the cost calibration ran on a busy machine (load {cal.load_average:.1f} on {os.cpu_count()} "
+                     f"cores): times are priced for that load; delete {_calibration_path(spec, device, dtype)} to measure again")
     estimate = Estimate(
         model=spec["name"], device=cal.device, dtype=cal.dtype, conditions=1 + n_treatments, samples=len(samples),
         steps=steps, load_seconds=cal.load_seconds, build_seconds=build_seconds * (2 if detector else 1),
