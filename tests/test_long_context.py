@@ -31,7 +31,7 @@ def _calibration(**coefficients) -> planner.Calibration:
 
 
 def test_cost_fit_recovers_known_coefficients():
-    truth = {"prefill": [0.1, 2e-3, 1e-6, 3e-6], "decode": [0.02, 0.01, 1e-5], "memory": [5e6, 8e4, 7.0]}
+    truth = {"prefill": [0.1, 2e-3, 1e-6, 3e-6], "decode": [0.02, 0.01, 1e-5], "memory": [5e6, 8e4, 5.0]}
     points = []
     for batch, length in planner.CALIBRATION_POINTS:
         masked = batch > 1
@@ -39,7 +39,7 @@ def test_cost_fit_recovers_known_coefficients():
                        "prefill_seconds": float(np.dot(truth["prefill"], planner._prefill_features(batch, length, masked))),
                        "decode_step_seconds": float(np.dot(truth["decode"], planner._decode_features(batch, length))),
                        "peak_bytes": float(np.dot(truth["memory"], planner._memory_features(batch, length, masked)))})
-    fitted = planner.fit_costs(points)
+    fitted = planner.fit_costs(points, mask_bytes=5.0)
     for key, expected in truth.items():
         np.testing.assert_allclose(fitted[key], expected, rtol=1e-6, atol=1e-12)
 
