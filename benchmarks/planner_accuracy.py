@@ -50,14 +50,14 @@ def main() -> None:
             run(cwd, ["dry_run=true", *args.overrides])
         for length in args.lengths:
             overrides = [f"task.context_lengths=[{length}]", "task.depths=[0.5]", f"task.samples_per_cell={args.samples}",
-                         "+detector=attn_mass", "experiment=planner-accuracy", f"run_name=L{length}", *args.overrides]
+                         "+detector=attn_mass", f"run_name=planner-accuracy-L{length}", *args.overrides]
             result = run(cwd, overrides)
             if result.returncode:
                 print(f"{length}: failed\n{result.stderr[-2000:]}", file=sys.stderr)
                 continue
             client = MlflowClient(f"sqlite:///{cwd / 'mlruns' / 'mlflow.db'}")
-            experiment = client.get_experiment_by_name("planner-accuracy")
-            (found,) = client.search_runs([experiment.experiment_id], f"attributes.run_name = 'L{length}'")
+            experiment = client.get_experiment_by_name("retrieval-heads")
+            (found,) = client.search_runs([experiment.experiment_id], f"attributes.run_name = 'planner-accuracy-L{length}'")
             params, metrics = found.data.params, found.data.metrics
             rows.append((length, float(params["estimate.seconds"]), metrics["actual/seconds"],
                          float(params["estimate.peak_memory_gib"]), metrics["actual/peak_memory_gib"]))
