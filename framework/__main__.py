@@ -62,6 +62,8 @@ def print_result(context: RunContext) -> None:
     """Recall per condition (random controls summarised), the p-values and any claim verdict."""
     from framework.tracking import run_address  # where to see the run in the MLflow UI
 
+    if not context.run_id:  # dry_run: the plan was printed, no run was made
+        return
     nulls = [v.mean() for k, v in context.outcomes.items() if k.startswith("null.")]
     summary = ", ".join(f"{k}={v.mean():.3f}" for k, v in context.outcomes.items() if not k.startswith("null."))
     if nulls:

@@ -38,7 +38,7 @@ from typing import Any, Callable, Iterable, Iterator, Literal, Sequence, get_arg
 import numpy as np
 import torch
 from transformers import AttentionInterface
-from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 Head = tuple[int, int]  # (layer, head)
@@ -389,14 +389,15 @@ def attention_probs(
     the scores; with no mask a prefill is causal (upper-left aligned, keys cropped to the
     query length as SDPA does) and a single-token decode step sees every key.
     """
-    n_groups = query.shape[1] // key.shape[1]
-    q_len, k_len = query.shape[2], key.shape[2]
+    batch, n_heads, q_len, head_dim = query.shape
+    n_kv, k_len = key.shape[1], key.shape[2]
     if attention_mask is None and q_len > 1:
         key = key[:, :, :q_len]
         k_len = q_len
-    key = repeat_kv(key, n_groups)
     dtype = torch.promote_types(query.dtype, torch.float32)  # at least float32, float64 kept
-    scores = torch.matmul(query[:, :, rows].to(dtype), key.to(dtype).transpose(-1, -2)) * scaling
+    # per KV group (GQA): the group's query rows stacked against its one key, never a key repeated per query head
+    grouped = query[:, :, rows].to(dtype).reshape(batch, n_kv, -1, head_dim)
+    scores = torch.matmul(grouped, key.to(dtype).transpose(-1, -2)).view(batch, n_heads, len(rows), k_len) * scaling
     if softcap is not None:
         scores = torch.tanh(scores / softcap) * softcap
     if attention_mask is not None:
@@ -437,12 +438,13 @@ def attention_rows(
     softcap: float | None = None,
 ) -> torch.Tensor:
     """Per-head attention outputs [batch, heads, len(rows), head_dim] of the given query rows
-    (GQA: value repeated per query head; causal cropping as in :func:`attention_probs`)."""
-    value = repeat_kv(value, query.shape[1] // key.shape[1])
+    (GQA: computed per KV group, the value is not repeated; causal cropping as in :func:`attention_probs`)."""
     if attention_mask is None and query.shape[2] > 1:
         value = value[:, :, : query.shape[2]]
     probs = attention_probs(query, key, attention_mask, scaling, rows, softcap)
-    return torch.matmul(probs.to(value.dtype), value)
+    batch, n_heads, n_rows, k_len = probs.shape
+    grouped = probs.to(value.dtype).reshape(batch, value.shape[1], -1, k_len)  # per KV group, value not repeated
+    return torch.matmul(grouped, value).view(batch, n_heads, n_rows, value.shape[-1])
 
 
 LogitBias = Callable[[torch.Tensor, int], torch.Tensor]  # (rows, key_length) -> additive bias

@@ -176,15 +176,30 @@ def info_from_config(name: str, config: Any) -> ModelInfo:
     )
 
 
+def _light_source(spec: Mapping[str, Any]) -> tuple[str | Path, dict[str, Any]]:
+    """Where config and tokenizer come from without dequantising anything: the cached copy if
+    it exists, else the GGUF file itself."""
+    if spec.get("gguf_package") and not (cache_root() / spec["name"] / "config.json").exists():
+        folder, gguf_file = _gguf_location(spec)
+        return folder, {"gguf_file": gguf_file}
+    return _source(spec)
+
+
+def model_config(spec: Mapping[str, Any]) -> Any:
+    """The model's transformers config alone (no weights)."""
+    source, kwargs = _light_source(spec)
+    return AutoConfig.from_pretrained(source, **kwargs)
+
+
+def load_tokenizer(spec: Mapping[str, Any]) -> Any:
+    """The model's tokenizer alone (no weights), e.g. to build a run's samples before it starts."""
+    source, kwargs = _light_source(spec)
+    return AutoTokenizer.from_pretrained(source, **kwargs)
+
+
 def model_info(spec: Mapping[str, Any]) -> ModelInfo:
     """Architecture facts from the config alone, for validating a run before loading weights."""
-    if spec.get("gguf_package") and not (cache_root() / spec["name"]).exists():
-        folder, gguf_file = _gguf_location(spec)
-        config = AutoConfig.from_pretrained(folder, gguf_file=gguf_file)
-    else:
-        source, kwargs = _source(spec)
-        config = AutoConfig.from_pretrained(source, **kwargs)
-    return info_from_config(spec["name"], config)
+    return info_from_config(spec["name"], model_config(spec))
 
 
 def load_model(spec: Mapping[str, Any]) -> LoadedModel:

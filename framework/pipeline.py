@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr
 
-from framework import cost, dataset_inputs, plots, tracking, validation
+from framework import cost, dataset_inputs, lengths, planner, plots, tracking, validation
 from framework.attention import AttentionEdit
 from framework.conditions import BASELINE, Plan, comparisons, is_dosed
 from framework.generation import greedy_generate
@@ -187,6 +187,9 @@ def run(
         if plugin is not None:
             plugin.validate(info)
     plan = Plan.from_config(config, registry, info) if config.get("intervention") else None
+    estimate = planner.estimate_run(config, registry, task, detector, extra_detectors, plan.n_conditions if plan else 0)
+    if config.get("dry_run"):
+        return RunContext(config=dict(config), run_id="")  # the plan is printed; no run is created
 
     steps = _Steps(1 + (detector is not None) + len(extra_detectors) + (plan.n_conditions if plan else 0))
     with tracking.tracked_run(config, info, config["experiment"], config.get("run_name"), parent_run_id, tags) as active:
@@ -194,6 +197,7 @@ def run(
         mlflow.set_tags({"task": task.name, "detector": getattr(detector, "name", "none"),
                          "intervention": plan.intervention.name if plan else "none",
                          **({"claim": config["claim"]} if config.get("claim") else {})})
+        planner.log_estimate(estimate)
         cost.step("load_model")
         context.model = model = load_model(config["model"])
         cost.watch(model.model)
@@ -225,6 +229,7 @@ def run(
                     _log_head_scores(result, f"detectors/{key}")
                     mlflow.log_metrics({f"detectors/{key}/{name}": value
                                         for name, value in _detector_agreement(context.head_scores, result).items()})
+                lengths.detect_across_lengths(config, registry, {"main": detector, **extra_detectors}, model)
                 if plan is not None and not context.head_scores.selected:
                     raise ConfigError(
                         f"detector {detector.name!r} selected no heads (max score "
@@ -248,6 +253,8 @@ def run(
         if "depth" in table:
             shown = table[table["role"] != "null"]
             mlflow.log_figure(plots.recall_by_condition(shown, "depth"), "recall_by_depth.png")
+            if table.get("context_length", pd.Series(dtype=float)).nunique() > 1:
+                mlflow.log_figure(plots.recall_by_length_and_depth(shown), "recall_by_length_depth.png")
         if plan is not None and plan.doses:
             mlflow.log_figure(plots.recall_by_dose(table, plan.dose_label), "recall_by_dose.png")
 
@@ -264,4 +271,5 @@ def run(
             context.metrics.update(extra or {})
         if context.metrics:
             mlflow.log_metrics(context.metrics)
+        planner.log_accuracy(estimate)
     return context

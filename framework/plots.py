@@ -46,3 +46,18 @@ def recall_by_dose(table: pd.DataFrame, dose: str) -> plt.Figure:
     ax.legend()
     fig.tight_layout()
     return fig
+
+
+def recall_by_length_and_depth(table: pd.DataFrame, max_panels: int = 12) -> plt.Figure:
+    """Recall as a context length x needle depth heatmap, one panel per condition (Wu et al.'s
+    and the needle-in-a-haystack literature's figure); cells are means over the cell's samples."""
+    labels = list(dict.fromkeys(table["condition"]))[:max_panels]
+    fig, axes = plt.subplots(1, len(labels), figsize=(3.2 * len(labels) + 1.5, 3.6), squeeze=False)
+    for ax, label in zip(axes[0], labels):
+        grid = table[table["condition"] == label].pivot_table(index="context_length", columns="depth", values="correct")
+        sns.heatmap(grid, ax=ax, vmin=0, vmax=1, cmap="RdYlGn", annot=True, fmt=".2f", cbar=ax is axes[0][-1],
+                    cbar_kws={"label": "recall"})
+        ax.set(title=label, xlabel="needle depth", ylabel="context length (tokens)" if ax is axes[0][0] else "")
+    fig.suptitle("Recall by context length and needle depth")
+    fig.tight_layout()
+    return fig

@@ -13,7 +13,8 @@ from scipy.stats import spearmanr
 
 from framework.analysis.claims import CLAIMS
 from framework.conditions import Plan
-from framework.models import model_info
+from framework import planner
+from framework.models import model_config, model_info
 from framework.registry import get_registry
 from framework.rope import lowest_frequency_dims
 from test_cli import only_run, run_cli
@@ -21,17 +22,28 @@ from test_cli import only_run, run_cli
 EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parent.parent / "conf" / "experiment").glob("*.yaml"))
 
 
+def _seed_experiment(name: str) -> str:
+    """The seed-claim experiment a config runs: itself, or the one its long-context variant extends."""
+    return name.split("_long_")[0]
+
+
 def test_there_is_one_experiment_per_claim():
-    assert len(EXPERIMENTS) == 5
-    claims = [name.split("_", 1)[1] for name in EXPERIMENTS]
-    assert sorted(claims) == sorted(CLAIMS)
+    seeds = [name for name in EXPERIMENTS if name.split("_", 1)[1] in CLAIMS]
+    assert len(seeds) == 5
+    assert sorted(name.split("_", 1)[1] for name in seeds) == sorted(CLAIMS)
+    assert all(_seed_experiment(name) in seeds for name in EXPERIMENTS if "_long_" in name)
 
 
 @pytest.mark.parametrize("name", EXPERIMENTS)
 def test_each_experiment_composes_and_its_plan_fits_the_embedded_model(compose_config, name):
     config = compose_config(f"+experiment={name}")
-    assert config["claim"] == name.split("_", 1)[1]
-    assert config["experiment"] == name.replace("_", "-")
+    seed = _seed_experiment(name)
+    if seed.split("_", 1)[1] in CLAIMS:
+        assert config["claim"] == seed.split("_", 1)[1]
+        assert config["experiment"] == seed.replace("_", "-") + ("-long" if "_long_" in name else "")
+    else:
+        assert config["experiment"] == name.replace("_", "-")
+    planner.check_context_lengths(config, model_config(config["model"]))
     info = model_info(config["model"])
     registry = get_registry()
     registry.create("detector", config["detector"]).validate(info)

@@ -60,7 +60,7 @@ def test_score_is_exact_match_of_the_whole_value():
 def test_impossible_task_parameters_are_refused(tokenizer):
     with pytest.raises(ConfigError, match=r"depths=\[1.5\] must lie in \[0, 1\]"):
         NIAH(depths=[1.5])
-    with pytest.raises(ConfigError, match="haystack='essays' is unknown"):
+    with pytest.raises(ConfigError, match="haystack='essays' is neither a built-in haystack"):
         NIAH(haystack="essays")
     with pytest.raises(ConfigError, match="context length 60 leaves no room"):
         NIAH(context_lengths=[60]).build_samples(tokenizer, "eval", seed=0)

@@ -3,18 +3,22 @@
 A grid of context lengths (in tokens, whole prompt) x needle depths; each cell gets
 ``samples_per_cell`` samples. Every sample has its own key word and seven-digit value, so the
 answer cannot come from anywhere but the needle. The haystack is either seeded, varied
-generated sentences (``sentences``) or RULER's repeated noise text (``noise``). Scoring is exact
-match of the value as a whole number in the greedy output.
+generated sentences (``sentences``), RULER's repeated noise text (``noise``) or the user's text
+(a path: see :mod:`plugins.tasks._haystack`). Scoring is exact match of the value as a whole
+number in the greedy output. With ``needles=<path>`` (Wu et al.'s JSONL) the needles are the
+user's sentences, placed in Wu et al.'s prompt, and answers score ROUGE-1 recall of
+``real_needle`` (``score_kind = "continuous"``).
 """
 
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
-from framework.api import ConfigError, Sample, Split, Task, chat_frame, hookimpl, token_span
+from framework.api import ConfigError, Sample, Split, Task, chat_frame, hookimpl, token_span, word_recall
+from plugins.tasks._haystack import read_haystack, read_needles
 
 _NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 _SUBJECTS = ["The old miller", "A quiet river", "The village baker", "Every autumn wind", "The tall lighthouse",
@@ -50,9 +54,8 @@ class NeedleTask(Task):
         detect_samples_per_cell: int = 1,
         haystack: str = "sentences",
         max_new_tokens: int = 12,
+        needles: str | None = None,
     ):
-        if haystack not in ("sentences", "noise"):
-            raise ConfigError(f"haystack={haystack!r} is unknown; choose 'sentences' or 'noise'")
         if any(not 0.0 <= d <= 1.0 for d in depths):
             raise ConfigError(f"depths={list(depths)} must lie in [0, 1] (fraction of the haystack)")
         if samples_per_cell < 1 or detect_samples_per_cell < 1:
@@ -63,6 +66,14 @@ class NeedleTask(Task):
         self.detect_samples_per_cell = detect_samples_per_cell
         self.haystack = haystack
         self.max_new_tokens = max_new_tokens
+        self._text = None if haystack in ("sentences", "noise") else read_haystack(haystack)
+        self._needles = read_needles(needles) if needles else None
+        if self._needles:  # Wu et al.'s prompt around their needle sentences, scored by ROUGE-1 recall
+            self.instruction = "This is a very long story book: <book> "
+            self.needle = " {needle} "
+            self.question = " </book>.\nBased on the content of the book, Question: {question}"
+            self.answer_prefix = "Answer:"
+            self.score_kind = "continuous"
 
     # --- texts -------------------------------------------------------------------------------
     def _filler_sentences(self, rng: np.random.Generator, count: int) -> list[str]:
@@ -73,7 +84,20 @@ class NeedleTask(Task):
             for _ in range(count)
         ]
 
+    def _filler(self, rng: np.random.Generator) -> Iterator[str]:
+        """Haystack sentences in order: consecutive ones of the user's text from a seeded start,
+        else the generated ones, drawn eight at a time."""
+        if self._text is not None:
+            start = int(rng.integers(len(self._text)))
+            while True:
+                yield self._text[start % len(self._text)]
+                start += 1
+        while True:
+            yield from self._filler_sentences(rng, 8)
+
     def _needle_fields(self, rng: np.random.Generator) -> dict[str, str]:
+        if self._needles:
+            return dict(self._needles[int(rng.integers(len(self._needles)))])
         return {"key": str(rng.choice(_KEYS)), "value": str(rng.integers(1_000_000, 10_000_000))}
 
     # --- building ------------------------------------------------------------------------------
@@ -104,8 +128,9 @@ class NeedleTask(Task):
         if budget < 16:
             raise ConfigError(f"context length {length} leaves no room for a haystack (needs > {length - budget + 16})")
         filler: list[list[int]] = []
+        sentences = self._filler(rng)
         while sum(map(len, filler)) < budget:
-            filler.extend(encode(s) for s in self._filler_sentences(rng, 8))
+            filler.append(encode(next(sentences)))
         haystack = [t for sentence in filler for t in sentence][:budget]
         # insert at the sentence boundary nearest to the requested depth
         boundaries = np.cumsum([0] + [len(s) for s in filler])
@@ -115,13 +140,15 @@ class NeedleTask(Task):
         needle_start = len(head) + cut
         query_start = needle_start + len(needle) + len(haystack) - cut
         first = 1 if ids and ids[0] in tokenizer.all_special_ids else 0
-        value_at = len(self.needle.split("{value}")[0].format(**fields))  # first occurrence of the value
-        value_span = token_span(tokenizer, self.needle.format(**fields), needle, value_at, value_at + len(fields["value"]))
+        answer, value_span = fields.get("value", fields.get("real_needle")), None
+        if "value" in fields:  # the value's own tokens; a sentence needle has its whole span instead
+            value_at = len(self.needle.split("{value}")[0].format(**fields))  # first occurrence of the value
+            value_span = token_span(tokenizer, self.needle.format(**fields), needle, value_at, value_at + len(answer))
         return Sample(
             id="",
             input_ids=ids,
-            answer=fields["value"],
-            answer_ids=encode(" " + fields["value"]),
+            answer=answer,
+            answer_ids=encode(" " + answer),
             context_span=(first, query_start),
             query_start=query_start,
             needle_span=(needle_start, needle_start + len(needle)),
@@ -130,6 +157,8 @@ class NeedleTask(Task):
         )
 
     def score(self, sample: Sample, output: str) -> float:
+        if self._needles:
+            return word_recall(sample.answer, output)
         return float(re.search(rf"(?<!\d){re.escape(sample.answer)}(?!\d)", output) is not None)
 
 

@@ -1,11 +1,12 @@
 """Passkey retrieval (Mohtashami & Jaggi; as in RULER and LongLoRA): a five-digit pass key hidden
-in repeated noise text, asked for at the end. Same grid, seeding and scoring as ``niah``."""
+in repeated noise text (or the user's, ``haystack=<path>``), asked for at the end. Same grid,
+seeding and scoring as ``niah``."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from framework.api import hookimpl
+from framework.api import ConfigError, hookimpl
 from plugins.tasks.niah import NeedleTask
 
 
@@ -17,6 +18,8 @@ class Passkey(NeedleTask):
     answer_prefix = "The pass key is"
 
     def __init__(self, haystack: str = "noise", **kwargs):
+        if kwargs.get("needles"):
+            raise ConfigError("passkey's needle is its pass key; sentence needles (task.needles) belong to task=niah")
         super().__init__(haystack=haystack, **kwargs)
 
     def _needle_fields(self, rng: np.random.Generator) -> dict[str, str]:

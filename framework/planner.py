@@ -1,0 +1,486 @@
+"""Run planner: what a run will process and what it will cost, known before any weights load.
+
+:func:`estimate_run` builds the run's samples with the tokenizer alone, counts the conditions,
+forward passes and tokens of every step (baseline, detection, detection across lengths, each
+condition), and prices them with a cost model of the model on this device:
+
+* time of a prefill of ``batch`` sequences of ``length`` tokens:
+  ``c0 + c1 * batch * length + c2 * batch * length^2`` (``c2`` separately for passes whose
+  attention needs an explicit mask: padded batches, sliding-window layers); a decode step:
+  ``d0 + d1 * batch + d2 * batch * keys``; generation is priced at ``max_new_tokens`` steps,
+  an upper bound (it stops early when every sequence of a batch has ended);
+* peak memory: the process before the run + the weights (the config's parameter count x the
+  dtype's size) + the largest pass's transient memory ``m0 + m1 * batch * length (+ m2 * batch * length^2
+  masked)`` (activations, KV cache, masks), or the peak of loading, whichever is larger.
+
+The coefficients are measured once per model, device, dtype and thread count by a calibration
+of a few short forward passes (:func:`calibrate`, logged as it happens) and cached as JSON in
+``<model cache>/cost/``. ``dry_run=true`` prints the plan and stops before any MLflow run; a
+real run logs the estimate as ``estimate.*`` parameters and, at its end, what it actually took
+and the ratios ``estimate/time_ratio`` and ``estimate/memory_ratio`` (actual / estimated).
+
+Context lengths beyond the model's positions are refused here, before any run is created.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import gc
+import json
+import logging
+import os
+import re
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import mlflow
+import numpy as np
+import torch
+from scipy.optimize import nnls
+
+from framework.generation import length_batches
+from framework.interfaces import ConfigError, Detector, ModelInfo, Sample, Task
+from framework.models import cache_root, load_model, load_tokenizer, model_config, resolve_device, resolve_dtype
+from framework.registry import Registry
+
+log = logging.getLogger(__name__)
+
+# (batch, length) of the calibration's prefills; batch 2 is left-padded by one token, so that
+# the explicit-mask path of attention is measured too
+CALIBRATION_POINTS: tuple[tuple[int, int], ...] = ((1, 256), (1, 1024), (1, 2048), (2, 1024), (2, 2048))
+CALIBRATION_DECODE_STEPS = 4
+CALIBRATION_REPEATS = 2
+_MAX_PADDING = 0.2  # greedy_generate's default: batches of similar length
+_GIB = 2**30
+
+
+# --- measuring ------------------------------------------------------------------------------
+def _proc_kib(field_name: str) -> int:
+    """A memory field of /proc/self/status (Linux); elsewhere the lifetime peak RSS stands in."""
+    try:
+        return int(re.search(rf"{field_name}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
+    except OSError:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak // 1024 if sys.platform == "darwin" else peak  # bytes on macOS, KiB on Linux
+
+
+def _trim() -> None:
+    """Give freed memory back to the system, so that RSS tracks live memory (glibc only)."""
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except OSError:
+        pass
+
+
+def memory_now(device: torch.device) -> int:
+    """Bytes in use now: the process's resident memory on CPU, allocated memory on CUDA."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    return _proc_kib("VmRSS") * 1024
+
+
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        try:
+            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+        except OSError:
+            log.debug("cannot reset the peak RSS; the process's lifetime peak is used")
+
+
+def memory_peak(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return _proc_kib("VmHWM") * 1024
+
+
+@dataclass
+class Stopwatch:
+    """When a run started and on which device its memory is counted."""
+
+    device: torch.device
+    started: float = field(default_factory=time.perf_counter)
+
+
+def start_measuring(device: torch.device) -> Stopwatch:
+    _trim()
+    reset_peak(device)
+    return Stopwatch(device)
+
+
+def measure_actual(watch: Stopwatch) -> tuple[float, int]:
+    """A run's actual cost so far: total wall seconds since ``watch`` started and peak memory
+    in bytes (the process's peak RSS on CPU, peak allocated memory on CUDA)."""
+    return time.perf_counter() - watch.started, memory_peak(watch.device)
+
+
+# --- calibration ----------------------------------------------------------------------------
+@dataclass
+class Calibration:
+    """Measured cost coefficients of one model on one device (see the module docstring)."""
+
+    model: str
+    device: str
+    dtype: str
+    threads: int
+    load_seconds: float
+    weights_bytes: int  # resident after the first pass, measured (the estimate uses the config's count)
+    load_peak_bytes: int
+    prefill: list[float]  # c0, c1, c2 causal (no mask), c2 masked
+    decode: list[float]  # d0, d1, d2
+    memory: list[float]  # m0, m1, m2 masked
+    points: list[dict[str, float]]
+    load_average: float = 0.0  # the machine's 1-minute load while calibrating: a busy machine inflates the times
+
+
+def _sliding(config: Any) -> bool:
+    config = getattr(config, "text_config", config)
+    return bool(getattr(config, "sliding_window", None)) and "sliding_attention" in (getattr(config, "layer_types", None) or [])
+
+
+def _prefill_features(batch: int, length: int, masked: bool) -> list[float]:
+    square = batch * length**2
+    return [1.0, batch * length, 0.0 if masked else square, square if masked else 0.0]
+
+
+def _decode_features(batch: int, keys: int) -> list[float]:
+    return [1.0, batch, batch * keys]
+
+
+def _memory_features(batch: int, length: int, masked: bool) -> list[float]:
+    return [1.0, batch * length, batch * length**2 if masked else 0.0]
+
+
+def weights_bytes(model_cfg: Any, dtype: torch.dtype) -> int:
+    """The weights' size from the config's parameter count (tied embeddings once), no weights read."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(model_cfg)
+    return sum(p.numel() for p in model.parameters()) * torch.empty(0, dtype=dtype).element_size()
+
+
+def _calibration_path(spec: Mapping[str, Any], device: torch.device, dtype: torch.dtype) -> Path:
+    dtype_name = str(dtype).removeprefix("torch.")
+    return cache_root() / "cost" / f"{spec['name']}-{device.type}-{dtype_name}-{torch.get_num_threads()}threads.json"
+
+
+def _time_generation(model: Any, ids: torch.Tensor, mask: torch.Tensor, device: torch.device) -> tuple[float, float, int]:
+    """One prefill and a few decode steps as generation runs them: prefill seconds, the median
+    decode step's seconds and the peak memory growth over both."""
+    _trim()
+    base = memory_now(device)
+    reset_peak(device)
+    started = time.perf_counter()
+    out = model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+    prefill = time.perf_counter() - started
+    steps = []
+    for _ in range(CALIBRATION_DECODE_STEPS):
+        token = out.logits[:, -1].argmax(-1, keepdim=True)
+        mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+        started = time.perf_counter()
+        out = model(input_ids=token, attention_mask=mask, cache=out.cache, use_cache=True)
+        steps.append(time.perf_counter() - started)
+    peak = memory_peak(device) - base
+    del out
+    return prefill, float(np.median(steps)), peak
+
+
+def calibrate(spec: Mapping[str, Any]) -> Calibration:
+    """The model's cost coefficients on its configured device, measured once and cached."""
+    device = resolve_device(spec.get("device", "auto"))
+    dtype = resolve_dtype(spec.get("dtype", "auto"), device)
+    path = _calibration_path(spec, device, dtype)
+    if path.exists():
+        return Calibration(**json.loads(path.read_text()))
+    log.warning("cost calibration: %s on %s (%s, %d threads) is not calibrated yet; loading it once for %d short "
+                "forward passes (up to %d tokens), result cached in %s", spec["name"], device.type, dtype,
+                torch.get_num_threads(), len(CALIBRATION_POINTS), max(n for _, n in CALIBRATION_POINTS), path)
+    _trim()
+    before = memory_now(device)
+    reset_peak(device)
+    started = time.perf_counter()
+    model = load_model(spec)
+    load_seconds = time.perf_counter() - started
+    load_peak = memory_peak(device) - before
+    masked_always = _sliding(model.model.config)
+    vocab = model.model.config.get_text_config().vocab_size
+    rng = np.random.default_rng(0)
+    points = []
+    with torch.inference_mode():
+        model.model(input_ids=torch.tensor([[vocab // 3] * 64], device=device), logits_to_keep=1)  # warm-up, not measured
+        _trim()
+        weights = memory_now(device) - before  # resident once used (a cached copy is mapped lazily)
+        for batch, length in CALIBRATION_POINTS:
+            ids = torch.tensor(rng.integers(vocab // 4, vocab // 2, size=(batch, length)), device=device)
+            mask = torch.ones_like(ids)
+            if batch > 1:
+                mask[0, 0] = 0  # one left-padding token: the explicit-mask path
+            # the faster of two repeats: a shared machine's passing load inflates one, rarely both
+            runs = [_time_generation(model.model, ids, mask, device) for _ in range(CALIBRATION_REPEATS)]
+            prefill, step, peak = min(r[0] for r in runs), min(r[1] for r in runs), min(r[2] for r in runs)
+            points.append({"batch": batch, "length": length, "masked": float(batch > 1 or masked_always),
+                           "prefill_seconds": prefill, "decode_step_seconds": step, "peak_bytes": float(peak)})
+            log.info("cost calibration: batch %d x %d tokens: prefill %.2f s, decode step %.3f s, +%.0f MiB",
+                     batch, length, prefill, step, peak / 2**20)
+    del model
+    _trim()
+    calibration = Calibration(
+        model=spec["name"], device=device.type, dtype=str(dtype).removeprefix("torch."), threads=torch.get_num_threads(),
+        load_seconds=load_seconds, weights_bytes=int(weights), load_peak_bytes=int(load_peak),
+        **fit_costs(points, 1 + torch.empty(0, dtype=dtype).element_size()),
+        load_average=os.getloadavg()[0],
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_suffix(f".{os.getpid()}.tmp")
+    staging.write_text(json.dumps(asdict(calibration), indent=1))
+    staging.replace(path)  # atomic: concurrent runs calibrating at once each see a whole file
+    return calibration
+
+
+def fit_costs(points: list[dict[str, float]], mask_bytes: float) -> dict[str, Any]:
+    """Non-negative least-squares coefficients of the cost model from measured points (each with
+    batch, length, masked, prefill_seconds, decode_step_seconds, peak_bytes).
+
+    The masks' memory is not fitted: at the calibration's short lengths it is lost in the noise,
+    and at 32K it dominates. It is ``mask_bytes`` per element of a [batch, length, length] mask
+    (a boolean mask, plus the float copy SDPA makes of it on CPU)."""
+
+    def fit(features: list[list[float]], target: list[float]) -> list[float]:
+        return nnls(np.array(features), np.array(target))[0].tolist()
+
+    masks = [mask_bytes * p["batch"] * p["length"] ** 2 * p["masked"] for p in points]
+    return {
+        "prefill": fit([_prefill_features(p["batch"], p["length"], bool(p["masked"])) for p in points],
+                       [p["prefill_seconds"] for p in points]),
+        "decode": fit([_decode_features(p["batch"], p["length"]) for p in points], [p["decode_step_seconds"] for p in points]),
+        "memory": fit([[1.0, p["batch"] * p["length"]] for p in points],
+                      [p["peak_bytes"] - m for p, m in zip(points, masks)]) + [mask_bytes],
+        "points": points,
+    }
+
+
+# --- the plan -------------------------------------------------------------------------------
+@dataclass
+class Step:
+    """One step of a run: its forward passes (prefills), the tokens they process, decode steps."""
+
+    name: str
+    samples: int
+    passes: int = 0
+    tokens: int = 0
+    decode_steps: int = 0
+    seconds: float = 0.0
+    transient_bytes: float = 0.0
+
+
+@dataclass
+class Estimate:
+    """A run's plan and its predicted cost; ``watch`` measures the actual cost from its end."""
+
+    model: str
+    device: str
+    dtype: str
+    conditions: int
+    samples: int
+    steps: list[Step]
+    load_seconds: float
+    build_seconds: float
+    base_bytes: int
+    weights_bytes: int
+    load_peak_bytes: int
+    notes: list[str] = field(default_factory=list)
+    watch: Stopwatch | None = None
+
+    @property
+    def seconds(self) -> float:
+        return self.load_seconds + self.build_seconds + sum(s.seconds for s in self.steps)
+
+    @property
+    def peak_bytes(self) -> float:
+        transient = max((s.transient_bytes for s in self.steps), default=0.0)
+        return self.base_bytes + max(self.load_peak_bytes, self.weights_bytes + transient)
+
+    @property
+    def forward_passes(self) -> int:
+        return sum(s.passes + s.decode_steps for s in self.steps)
+
+    @property
+    def tokens(self) -> int:
+        return sum(s.tokens for s in self.steps)
+
+    def params(self) -> dict[str, Any]:
+        return {"estimate.seconds": round(self.seconds, 1), "estimate.peak_memory_gib": round(self.peak_bytes / _GIB, 3),
+                "estimate.conditions": self.conditions, "estimate.samples": self.samples,
+                "estimate.forward_passes": self.forward_passes, "estimate.tokens": self.tokens,
+                "estimate.device": f"{self.device} {self.dtype}"}
+
+    def report(self) -> str:
+        lines = [f"plan for {self.model} on {self.device} ({self.dtype}): {self.conditions} conditions "
+                 f"(baseline included) on {self.samples} evaluation samples",
+                 f"  {'step':<28}{'samples':>8}{'prefills':>10}{'tokens':>12}{'decode steps':>14}{'est. time':>11}"]
+        for s in self.steps:
+            lines.append(f"  {s.name:<28}{s.samples:>8}{s.passes:>10}{s.tokens:>12}{s.decode_steps:>14}"
+                         f"{_duration(s.seconds):>11}")
+        lines.append(f"  {'load + build samples':<72}{_duration(self.load_seconds + self.build_seconds):>11}")
+        lines.append(f"total: {self.forward_passes} forward passes over {self.tokens} prompt tokens; "
+                     f"estimated wall time {_duration(self.seconds)}, peak memory {self.peak_bytes / _GIB:.2f} GiB")
+        lines.extend(f"note: {note}" for note in self.notes)
+        return "\n".join(lines)
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    return f"{seconds / 60:.0f} min" if seconds < 7200 else f"{seconds / 3600:.1f} h"
+
+
+def check_context_lengths(config: Mapping[str, Any], model_cfg: Any, lengths_key: str = "detect_lengths") -> int:
+    """Refuse context lengths beyond the model's positions (with room for the generated
+    tokens); returns the usable limit."""
+    text = getattr(model_cfg, "text_config", model_cfg)
+    positions = getattr(text, "max_position_embeddings", None)
+    if not positions:
+        return 0
+    new = int(config["task"].get("max_new_tokens") or Task.max_new_tokens)
+    limit = positions - new
+    for key, lengths in (("task.context_lengths", config["task"].get("context_lengths")),
+                         (lengths_key, config.get(lengths_key))):
+        too_long = [n for n in lengths or [] if n > limit]
+        if too_long:
+            raise ConfigError(
+                f"{key}={list(lengths)}: {too_long} do not fit {config['model']['name']}, which has {positions} "
+                f"positions (max_position_embeddings), each sample also generating task.max_new_tokens={new} "
+                f"tokens; use lengths of at most {limit}")
+    return limit
+
+
+def _generation(name: str, samples: list[Sample], batch_size: int, new_tokens: int, sliding: bool,
+                cal: Calibration) -> Step:
+    """greedy_generate's work: batches of similar length, a prefill each, then decode steps."""
+    lengths = [len(s.input_ids) for s in samples]
+    step = Step(name, len(samples))
+    for batch in length_batches(lengths, batch_size, _MAX_PADDING):
+        width = max(lengths[i] for i in batch)
+        masked = sliding or any(lengths[i] != width for i in batch)
+        _add_prefill(step, len(batch), width, masked, cal)
+        _add_decode(step, len(batch), width, new_tokens - 1, cal)
+    return step
+
+
+def _add_prefill(step: Step, batch: int, length: int, masked: bool, cal: Calibration) -> None:
+    step.passes += 1
+    step.tokens += batch * length
+    step.seconds += float(np.dot(cal.prefill, _prefill_features(batch, length, masked)))
+    step.transient_bytes = max(step.transient_bytes, float(np.dot(cal.memory, _memory_features(batch, length, masked))))
+
+
+def _add_decode(step: Step, batch: int, keys: int, steps: int, cal: Calibration) -> None:
+    step.decode_steps += steps
+    step.seconds += steps * float(np.dot(cal.decode, _decode_features(batch, keys)))
+
+
+def _detection(name: str, detector: Detector, samples: list[Sample], sliding: bool, cal: Calibration,
+               notes: list[str]) -> Step:
+    """A detector's work: Wu et al.'s score decodes each trial; the others run one teacher-forced
+    forward pass per sample (qnorm none); a detector the planner does not know is priced as the latter."""
+    step = Step(name, len(samples))
+    kind = getattr(detector, "name", "")
+    if kind == "qnorm":
+        return step
+    for sample in samples:
+        if kind == "retrieval_score":
+            _add_prefill(step, 1, len(sample.input_ids) - 1, sliding, cal)
+            _add_decode(step, 1, len(sample.input_ids), int(detector.max_new_tokens), cal)
+        else:
+            _add_prefill(step, 1, len(sample.input_ids) + len(sample.answer_ids), sliding, cal)
+    if kind == "utility":
+        notes.append(f"{name}: the utility fit after the forward passes (Adam on captured tensors) is not priced")
+    elif kind not in ("attn_mass", "retrieval_score"):
+        notes.append(f"{name}: detector {kind!r} is priced as one teacher-forced forward pass per sample")
+    return step
+
+
+def estimate_run(
+    config: Mapping[str, Any], registry: Registry, task: Task, detector: Detector | None,
+    extra_detectors: Mapping[str, Detector], n_treatments: int,
+) -> Estimate:
+    """Validate the run's lengths, build its samples from the tokenizer alone and price every
+    step; with ``dry_run`` print the plan. The actual cost is measured from this call's end."""
+    spec = config["model"]
+    model_cfg = model_config(spec)
+    check_context_lengths(config, model_cfg)
+    if config.get("detect_lengths") and "context_lengths" not in config["task"]:
+        raise ConfigError(f"detect_lengths={config['detect_lengths']} needs a task with context_lengths "
+                          f"(niah, passkey); task {config['task']['name']!r} has none")
+    if config.get("detect_lengths") and detector is None:
+        raise ConfigError("detect_lengths runs the detector at each length: add +detector=<name>")
+    started = time.perf_counter()
+    tokenizer = load_tokenizer(spec)
+    samples = task.build_samples(tokenizer, "eval", config["seed"])
+    detect = task.build_samples(tokenizer, "detect", config["detect_seed"]) if detector is not None else []
+    build_seconds = time.perf_counter() - started
+    limit = check_context_lengths(config, model_cfg)
+    longest = max((len(s.input_ids) + len(s.answer_ids) for s in samples + detect), default=0)
+    if limit and longest > limit:
+        raise ConfigError(f"the task's longest prompt has {longest} tokens; {spec['name']} has room for {limit} "
+                          f"(its positions less task.max_new_tokens): shorten the task")
+    cal = calibrate(spec)
+    device = resolve_device(spec.get("device", "auto"))
+    dtype = resolve_dtype(spec.get("dtype", "auto"), device)
+    weights = weights_bytes(model_cfg, dtype)
+    sliding, notes = _sliding(model_cfg), []
+    batch_size, new_tokens = int(config["batch_size"]), int(task.max_new_tokens)
+    steps = [_generation("baseline", samples, batch_size, new_tokens, sliding, cal)]
+    for key, plugin in ([("detection", detector)] if detector is not None else []) + \
+            [(f"detection ({k})", d) for k, d in extra_detectors.items()]:
+        steps.append(_detection(key, plugin, detect, sliding, cal, notes))
+    for length in config.get("detect_lengths") or []:
+        at_length = registry.create("task", {**config["task"], "context_lengths": [length]})
+        detect_at = at_length.build_samples(tokenizer, "detect", config["detect_seed"])
+        for key, plugin in [("main", detector), *extra_detectors.items()]:
+            steps.append(_detection(f"detection {key} @ {length}", plugin, detect_at, sliding, cal, notes))
+    if n_treatments:  # every condition generates on the same samples: one step's work, n times
+        each = _generation(f"{n_treatments} conditions", samples, batch_size, new_tokens, sliding, cal)
+        steps.append(Step(each.name, each.samples, each.passes * n_treatments, each.tokens * n_treatments,
+                          each.decode_steps * n_treatments, each.seconds * n_treatments, each.transient_bytes))
+    if cal.load_average > 1.5 * os.cpu_count():
+        notes.append(f"the cost calibration ran on a busy machine (load {cal.load_average:.1f} on {os.cpu_count()} "
+                     f"cores): times are priced for that load; delete {_calibration_path(spec, device, dtype)} to measure again")
+    estimate = Estimate(
+        model=spec["name"], device=cal.device, dtype=cal.dtype, conditions=1 + n_treatments, samples=len(samples),
+        steps=steps, load_seconds=cal.load_seconds, build_seconds=build_seconds * (2 if detector else 1),
+        base_bytes=0, weights_bytes=weights, load_peak_bytes=cal.load_peak_bytes, notes=notes,
+    )
+    del tokenizer
+    estimate.watch = start_measuring(device)
+    estimate.base_bytes = memory_now(device)
+    if config.get("dry_run"):
+        print(estimate.report())
+    return estimate
+
+
+def log_estimate(estimate: Estimate) -> None:
+    """The estimate as the run's parameters (``estimate.*``), and in its log."""
+    mlflow.log_params(estimate.params())
+    log.info("estimate: %s wall time, %.2f GiB peak memory (%d forward passes, %d prompt tokens)",
+             _duration(estimate.seconds), estimate.peak_bytes / _GIB, estimate.forward_passes, estimate.tokens)
+
+
+def log_accuracy(estimate: Estimate) -> dict[str, float]:
+    """The run's actual cost next to the estimate, as metrics (ratios actual / estimated)."""
+    seconds, peak = measure_actual(estimate.watch)
+    metrics = {"actual/seconds": seconds, "actual/peak_memory_gib": peak / _GIB,
+               "estimate/time_ratio": seconds / estimate.seconds if estimate.seconds else float("nan"),
+               "estimate/memory_ratio": peak / estimate.peak_bytes if estimate.peak_bytes else float("nan")}
+    mlflow.log_metrics(metrics)
+    log.info("actual: %s wall time (x%.2f of the estimate), %.2f GiB peak memory (x%.2f)", _duration(seconds),
+             metrics["estimate/time_ratio"], metrics["actual/peak_memory_gib"], metrics["estimate/memory_ratio"])
+    return metrics
+
