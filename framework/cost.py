@@ -14,7 +14,9 @@ alphabetically: a dozen more ``cost/`` rows would push recall down the compare v
 
 from __future__ import annotations
 
+import logging
 import re
+import resource
 import sys
 import time
 from contextlib import contextmanager, suppress
@@ -23,9 +25,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import mlflow
+import torch
 
 _STATUS = Path("/proc/self/status")  # Linux: VmHWM, the peak resident memory
 _CLEAR_REFS = Path("/proc/self/clear_refs")  # Linux: writing 5 restarts VmHWM from the current RSS
+_CPU = torch.device("cpu")
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -39,8 +44,7 @@ class Meter:
     """One run's cost, counted from its creation until :meth:`close`."""
 
     def __init__(self) -> None:
-        with suppress(OSError):  # several runs in one process (a sweep's jobs): each its own peak
-            _CLEAR_REFS.write_text("5")
+        reset_peak(_CPU)  # several runs in one process (a sweep's jobs): each its own peak
         self.started = self.step_started = time.perf_counter()
         self.total = Tally()
         self.steps: dict[str, Tally] = {}
@@ -57,12 +61,10 @@ class Meter:
     def watch(self, model: Any) -> None:
         """Count the forward passes and tokens of ``model`` (a torch module) and note its device
         and dtype; on a GPU, start its peak-memory count afresh."""
-        import torch
-
         self.tags = {"device": str(model.device), "dtype": str(model.dtype).removeprefix("torch.")}
         if model.device.type == "cuda":
             self.cuda_device = model.device
-            torch.cuda.reset_peak_memory_stats(model.device)
+            reset_peak(model.device)
         self._hook = model.register_forward_pre_hook(self._count, with_kwargs=True)
 
     def _count(self, module: Any, args: tuple, kwargs: dict) -> None:
@@ -92,9 +94,7 @@ class Meter:
         metrics = {f"cost/{key}": float(value) for key, value in vars(self.total).items()}
         metrics["cost/peak_rss_mb"] = peak_rss_mb()
         if self.cuda_device is not None:
-            import torch
-
-            metrics["cost/cuda_peak_mb"] = torch.cuda.max_memory_allocated(self.cuda_device) / 2**20
+            metrics["cost/cuda_peak_mb"] = memory_peak(self.cuda_device) / 2**20
         return metrics | {f"cost/step/{name}/wall_time_s": tally.wall_time_s for name, tally in self.steps.items()}
 
     def report(self) -> dict[str, Any]:
@@ -104,14 +104,41 @@ class Meter:
 
 def peak_rss_mb() -> float:
     """This process's peak resident memory in MiB (on Linux since the last :class:`Meter` began)."""
-    with suppress(OSError):
-        for line in _STATUS.read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    import resource  # elsewhere: the peak over the process's life
+    return memory_peak(_CPU) / 2**20
 
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, KiB on Linux
+
+def _proc_kib(field_name: str) -> int:
+    """A memory field of /proc/self/status (Linux); elsewhere the lifetime peak RSS stands in."""
+    try:
+        return int(re.search(rf"{field_name}:\s+(\d+)", _STATUS.read_text()).group(1))
+    except OSError:
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak // 1024 if sys.platform == "darwin" else peak  # bytes on macOS, KiB on Linux
+
+
+def memory_now(device: Any) -> int:
+    """Bytes in use now: the process's resident memory on CPU, allocated memory on CUDA."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device)
+    return _proc_kib("VmRSS") * 1024
+
+
+def reset_peak(device: Any) -> None:
+    """Start counting the peak memory of ``device`` afresh."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        try:
+            _CLEAR_REFS.write_text("5")
+        except OSError:
+            log.debug("cannot reset the peak RSS; the process's lifetime peak is used")
+
+
+def memory_peak(device: Any) -> int:
+    """Peak bytes since :func:`reset_peak`: resident memory on CPU, allocated memory on CUDA."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device)
+    return _proc_kib("VmHWM") * 1024
 
 
 _active: Meter | None = None

@@ -29,9 +29,6 @@ import gc
 import json
 import logging
 import os
-import re
-import resource
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -42,8 +39,9 @@ import numpy as np
 import torch
 from scipy.optimize import nnls
 
+from framework.cost import memory_now, memory_peak, reset_peak
 from framework.generation import length_batches
-from framework.interfaces import ConfigError, Detector, ModelInfo, Sample, Task
+from framework.interfaces import ConfigError, Detector, Sample, Task
 from framework.models import cache_root, load_model, load_tokenizer, model_config, resolve_device, resolve_dtype
 from framework.registry import Registry
 
@@ -59,15 +57,6 @@ _GIB = 2**30
 
 
 # --- measuring ------------------------------------------------------------------------------
-def _proc_kib(field_name: str) -> int:
-    """A memory field of /proc/self/status (Linux); elsewhere the lifetime peak RSS stands in."""
-    try:
-        return int(re.search(rf"{field_name}:\s+(\d+)", Path("/proc/self/status").read_text()).group(1))
-    except OSError:
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return peak // 1024 if sys.platform == "darwin" else peak  # bytes on macOS, KiB on Linux
-
-
 def _trim() -> None:
     """Give freed memory back to the system, so that RSS tracks live memory (glibc only)."""
     gc.collect()
@@ -75,29 +64,6 @@ def _trim() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except OSError:
         pass
-
-
-def memory_now(device: torch.device) -> int:
-    """Bytes in use now: the process's resident memory on CPU, allocated memory on CUDA."""
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device)
-    return _proc_kib("VmRSS") * 1024
-
-
-def reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        try:
-            Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
-        except OSError:
-            log.debug("cannot reset the peak RSS; the process's lifetime peak is used")
-
-
-def memory_peak(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return _proc_kib("VmHWM") * 1024
 
 
 @dataclass

@@ -7,7 +7,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from framework.api import (
     AttentionEdit,
@@ -16,18 +15,8 @@ from framework.api import (
     QueryScaling,
     RowCapture,
     instrumented,
-    prepare,
 )
-
-TINY = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16, max_position_embeddings=512, initializer_range=0.3,
-            pad_token_id=0, bos_token_id=1, eos_token_id=2)
-
-
-@pytest.fixture(scope="module")
-def llama():
-    torch.manual_seed(0)
-    return prepare(LlamaForCausalLM(LlamaConfig(**TINY)), None, "tiny_llama")
+from test_attention import TINY, llama  # noqa: F401  (the same tiny Llama, and its fixture)
 
 
 def ids(n: int = 20) -> torch.Tensor:

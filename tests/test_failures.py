@@ -79,7 +79,6 @@ def test_a_device_that_is_not_here_is_refused_naming_the_ones_that_are(tmp_path)
             "error: model.device='cuda' is not available on this machine; choose one of auto, cpu")
 
 
-@pytest.mark.skip(reason="context-length refusal: issue 13's planner")
 def test_a_context_longer_than_the_model_is_refused(tmp_path):
     result = run(tmp_path, "task.context_lengths=[100000]")
     refused(result, tmp_path, "context_lengths")
