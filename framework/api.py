@@ -47,6 +47,8 @@ from framework.prompts import (
     check_count,
     encode,
     is_whole,
+    read_haystack,
+    read_needles,
     token_span,
     word_recall,
 )
@@ -82,6 +84,7 @@ __all__ = [
     "select_heads", "check_selection", "random_heads_matched_per_layer", "layer_groups_by_type",
     # prompts, samples and scores for tasks
     "chat_frame", "token_span", "encode", "chat_sample", "PositionedTask", "word_recall", "is_whole", "check_count",
+    "read_haystack", "read_needles",
     # statistics
     "mcnemar_exact", "cohens_d", "cohens_dz",
     # progress lines

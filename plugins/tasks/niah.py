@@ -4,7 +4,7 @@ A grid of context lengths (in tokens, whole prompt) x needle depths; each cell g
 ``samples_per_cell`` samples. Every sample has its own key word and seven-digit value, so the
 answer cannot come from anywhere but the needle. The haystack is either seeded, varied
 generated sentences (``sentences``), RULER's repeated noise text (``noise``) or the user's text
-(a path: see :mod:`plugins.tasks._haystack`). Scoring is exact match of the value as a whole
+(a path: see :func:`framework.api.read_haystack`). Scoring is exact match of the value as a whole
 number in the greedy output. With ``needles=<path>`` (Wu et al.'s JSONL) the needles are the
 user's sentences, placed in Wu et al.'s prompt, and answers score ROUGE-1 recall of
 ``real_needle`` (``score_kind = "continuous"``).
@@ -17,8 +17,8 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from framework.api import ConfigError, Sample, Split, Task, chat_frame, hookimpl, token_span, word_recall
-from plugins.tasks._haystack import read_haystack, read_needles
+from framework.api import (ConfigError, Sample, Split, Task, chat_frame, hookimpl, read_haystack, read_needles, token_span,
+                           word_recall)
 
 _NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 _SUBJECTS = ["The old miller", "A quiet river", "The village baker", "Every autumn wind", "The tall lighthouse",
