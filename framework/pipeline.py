@@ -203,7 +203,7 @@ def run(
         cost.watch(model.model)
         registry.manager.hook.run_started(context=context)
 
-        samples = task.build_samples(model.tokenizer, "eval", config["seed"])
+        samples = estimate.eval_samples  # built by the planner from the same tokenizer
         dataset_inputs.log_samples(samples, config["task"], "eval", config["seed"])
         mlflow.log_metric("samples", len(samples))
         outputs: dict[str, list[str]] = {}
@@ -213,7 +213,7 @@ def run(
             outputs[BASELINE], context.outcomes[BASELINE] = _evaluate(BASELINE, model, task, samples, None, batch_size)
 
             if detector is not None:
-                detect_samples = task.build_samples(model.tokenizer, "detect", config["detect_seed"])
+                detect_samples = estimate.detect_samples
                 dataset_inputs.log_samples(detect_samples, config["task"], "detect", config["detect_seed"])
                 steps.start("detection", f"{detector.name} on {len(detect_samples)} samples")
                 with labelled("detection"):

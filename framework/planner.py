@@ -257,16 +257,18 @@ class Estimate:
     samples: int
     steps: list[Step]
     load_seconds: float
-    build_seconds: float
     base_bytes: int
     weights_bytes: int
     load_peak_bytes: int
     notes: list[str] = field(default_factory=list)
     watch: Stopwatch | None = None
+    # the samples priced here, which the run then evaluates (built once, from the same tokenizer files)
+    eval_samples: list[Sample] = field(default_factory=list, repr=False)
+    detect_samples: list[Sample] = field(default_factory=list, repr=False)
 
     @property
     def seconds(self) -> float:
-        return self.load_seconds + self.build_seconds + sum(s.seconds for s in self.steps)
+        return self.load_seconds + sum(s.seconds for s in self.steps)
 
     @property
     def peak_bytes(self) -> float:
@@ -294,7 +296,7 @@ class Estimate:
         for s in self.steps:
             lines.append(f"  {s.name:<28}{s.samples:>8}{s.passes:>10}{s.tokens:>12}{s.decode_steps:>14}"
                          f"{_duration(s.seconds):>11}")
-        lines.append(f"  {'load + build samples':<72}{_duration(self.load_seconds + self.build_seconds):>11}")
+        lines.append(f"  {'load the model':<72}{_duration(self.load_seconds):>11}")
         lines.append(f"total: {self.forward_passes} forward passes over {self.tokens} prompt tokens; "
                      f"estimated wall time {_duration(self.seconds)}, peak memory {self.peak_bytes / _GIB:.2f} GiB")
         lines.extend(f"note: {note}" for note in self.notes)
@@ -381,18 +383,15 @@ def estimate_run(
     step; with ``dry_run`` print the plan. The actual cost is measured from this call's end."""
     spec = config["model"]
     model_cfg = model_config(spec)
-    check_context_lengths(config, model_cfg)
+    limit = check_context_lengths(config, model_cfg)
     if config.get("detect_lengths") and "context_lengths" not in config["task"]:
         raise ConfigError(f"detect_lengths={config['detect_lengths']} needs a task with context_lengths "
                           f"(niah, passkey); task {config['task']['name']!r} has none")
     if config.get("detect_lengths") and detector is None:
         raise ConfigError("detect_lengths runs the detector at each length: add +detector=<name>")
-    started = time.perf_counter()
     tokenizer = load_tokenizer(spec)
     samples = task.build_samples(tokenizer, "eval", config["seed"])
     detect = task.build_samples(tokenizer, "detect", config["detect_seed"]) if detector is not None else []
-    build_seconds = time.perf_counter() - started
-    limit = check_context_lengths(config, model_cfg)
     longest = max((len(s.input_ids) + len(s.answer_ids) for s in samples + detect), default=0)
     if limit and longest > limit:
         raise ConfigError(f"the task's longest prompt has {longest} tokens; {spec['name']} has room for {limit} "
@@ -421,8 +420,8 @@ def estimate_run(
                      f"cores): times are priced for that load; delete {_calibration_path(spec, device, dtype)} to measure again")
     estimate = Estimate(
         model=spec["name"], device=cal.device, dtype=cal.dtype, conditions=1 + n_treatments, samples=len(samples),
-        steps=steps, load_seconds=cal.load_seconds, build_seconds=build_seconds * (2 if detector else 1),
-        base_bytes=0, weights_bytes=weights, load_peak_bytes=cal.load_peak_bytes, notes=notes,
+        eval_samples=samples, detect_samples=detect,
+        steps=steps, load_seconds=cal.load_seconds, base_bytes=0, weights_bytes=weights, load_peak_bytes=cal.load_peak_bytes, notes=notes,
     )
     del tokenizer
     estimate.watch = start_measuring(device)
