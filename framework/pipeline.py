@@ -172,7 +172,7 @@ def run(
     if config.get("claim"):  # verdicts are analysis, outside the core: imported only by runs that log one
         from framework.analysis.claims import check_claim
 
-        check_claim(config["claim"])
+        check_claim(config)
     if detector is None and (config.get("intervention") or extra_detectors):
         needs = (f"intervention {config['intervention']['name']!r} needs heads to act on" if config.get("intervention")
                  else "extra detectors are compared with a main detector")
@@ -229,7 +229,7 @@ def run(
                     _log_head_scores(result, f"detectors/{key}")
                     mlflow.log_metrics({f"detectors/{key}/{name}": value
                                         for name, value in _detector_agreement(context.head_scores, result).items()})
-                lengths.detect_across_lengths(config, registry, {"main": detector, **extra_detectors}, model)
+                lengths.detect_across_lengths(estimate.detect_samples_by_length, {"main": detector, **extra_detectors}, model)
                 if plan is not None and not context.head_scores.selected:
                     raise ConfigError(
                         f"detector {detector.name!r} selected no heads (max score "

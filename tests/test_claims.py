@@ -3,13 +3,15 @@ there and no where it is not, and its statistics match an independent computatio
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pandas as pd
 import pytest
 from scipy.stats import binomtest, spearmanr, ttest_1samp
 
 from framework.attention import AttentionEdit
-from framework.analysis.claims import causal_heads, dims_grid, lowfreq_dose, norm_utility
+from framework.analysis.claims import causal_heads, check_claim, dims_grid, lowfreq_dose, norm_utility
 from framework.analysis.compare import theta_verdict
 from framework.interfaces import Condition
 from framework.interfaces import ConfigError, HeadScores, RunContext
@@ -61,11 +63,25 @@ def test_causal_heads_verdict_follows_the_null():
     assert causal_heads(unaffected, table_of(unaffected))[0]["claim/verdict"] == 0.0
 
 
-def test_causal_heads_needs_enough_random_controls():
-    context = head_mask_run(0, np.random.default_rng(0))
-    context.conditions = context.conditions[:5]
-    with pytest.raises(ConfigError, match="controls >= 19"):
-        causal_heads(context, table_of(context))
+@pytest.mark.parametrize("name, override, missing", [
+    ("claim1_causal_heads", "controls=5", "controls >= 19"),
+    ("claim1_causal_heads", "intervention=zero_lowfreq", "+intervention=head_mask"),
+    ("claim3_norm_utility", "~detectors.qnorm", "the qnorm detector"),
+    ("claim4_lowfreq_dose", "dose.values=[0.25]", "a dose list of two or more values"),
+    ("claim5_dims_grid", "~conditions.first_8", None),
+])
+def test_a_claim_its_config_cannot_reach_is_refused_before_the_run(compose_config, name, override, missing):
+    """Each experiment's own config passes; without what its verdict needs it is refused, naming that."""
+    check_claim(compose_config(f"+experiment={name}"))
+    broken = compose_config(f"+experiment={name}", override)
+    if missing is None:  # dims_grid keeps first_16, another mask_first_dims condition
+        check_claim(broken)
+        broken = compose_config(f"+experiment={name}", "~conditions.first_8", "~conditions.first_16")
+        missing = "mask_first_dims and mask_last_dims conditions"
+    with pytest.raises(ConfigError, match=re.escape(missing)):
+        check_claim(broken)
+    with pytest.raises(ConfigError, match="unknown claim 'nope'; available: causal_heads"):
+        check_claim({"claim": "nope"})
 
 
 def planted_norm_utility(sign: float, noise: float) -> RunContext:

@@ -9,7 +9,7 @@ count and theta, and ``python -m framework.analysis.compare`` gives the verdict 
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -33,18 +33,11 @@ def _labels(context: RunContext, role: str) -> list[str]:
     return [c.label for c in context.conditions if c.role == role]
 
 
-def _require(context: RunContext, claim: str, **needs: bool) -> None:
-    missing = [what for what, present in needs.items() if not present]
-    if missing:
-        raise ConfigError(f"claim {claim!r} needs {', '.join(missing)} in the run's config")
-
-
 def causal_heads(context: RunContext, table: pd.DataFrame) -> Verdict:
     """Claim 1: masking the detected heads collapses recall; masking random heads matched per
     layer does not. Verdict 1 when the treatment's recall is below the null of random controls
     (p < ALPHA) and below the matched control's by an exact McNemar test (p < ALPHA)."""
     nulls = _labels(context, "control") + _labels(context, "null")
-    _require(context, "causal_heads", intervention="treatment" in context.outcomes, **{"controls >= 19": len(nulls) >= 20})
     treatment = _recall(context, "treatment")
     null = np.array([_recall(context, label) for label in nulls])
     p_null = null_p_value(treatment, null, "less")
@@ -69,7 +62,6 @@ def causal_heads(context: RunContext, table: pd.DataFrame) -> Verdict:
 
 def theta_heads(context: RunContext, table: pd.DataFrame) -> Verdict:
     """Claim 2, one model's part: how many heads the detector selects at this model's theta."""
-    _require(context, "theta_heads", detector=context.head_scores is not None)
     scores = context.head_scores
     theta = context.model.info.rope_theta
     return {"claim/heads_selected": len(scores.selected), "claim/heads_fraction": len(scores.selected) / scores.scores.size,
@@ -84,7 +76,6 @@ def norm_utility(context: RunContext, table: pd.DataFrame) -> Verdict:
     found = [context.head_scores, *context.detector_scores.values()]
     utility = next((s.extra["utility"] for s in found if s is not None and "utility" in s.extra), None)
     norms = next((s.extra["per_dim"] for s in found if s is not None and "per_dim" in s.extra), None)
-    _require(context, "norm_utility", **{"the utility detector": utility is not None, "the qnorm detector": norms is not None})
     rho = rowwise_spearman(norms, utility)
     valid = rho[np.isfinite(rho)]
     test = ttest_1samp(valid, 0.0)
@@ -113,7 +104,6 @@ def lowfreq_dose(context: RunContext, table: pd.DataFrame) -> Verdict:
     test, Holm-adjusted over the doses (p < ALPHA). (At large doses random dims can break a small
     model too, so no single dose is the test.)"""
     treated = [c for c in context.conditions if c.role == "treatment" and c.dose is not None]
-    _require(context, "lowfreq_dose", **{"a dose list": len(treated) >= 2})
     baseline = _recall(context, BASELINE)
     metrics, tests = {}, []
     for condition in treated:
@@ -142,8 +132,6 @@ def dims_grid(context: RunContext, table: pd.DataFrame) -> Verdict:
     for condition in context.conditions:
         if condition.role in ("treatment", "extra"):
             by_intervention.setdefault(condition.intervention, []).append(condition.label)
-    _require(context, "dims_grid", **{"mask_first_dims and mask_last_dims conditions":
-                                      {"mask_first_dims", "mask_last_dims"} <= by_intervention.keys()})
     baseline = _recall(context, BASELINE)
     metrics = {f"claim/recall_drop.{label}": baseline - _recall(context, label)
                for labels in by_intervention.values() for label in labels}
@@ -172,6 +160,36 @@ CLAIMS: dict[str, Callable[[RunContext, pd.DataFrame], Verdict]] = {
 }
 
 
-def check_claim(name: str | None) -> None:
-    if name is not None and name not in CLAIMS:
+def _plugin_names(config: Mapping[str, Any], kind: str, extra: str) -> set[str]:
+    """Names of the run's main plugin of ``kind`` and of its extra ones (``detectors``/``conditions``)."""
+    main = [config.get(kind)] if config.get(kind) else []
+    return {node["name"] for node in [*main, *(config.get(extra) or {}).values()]}
+
+
+def _needs(config: Mapping[str, Any]) -> dict[str, dict[str, bool]]:
+    """Per claim, what its verdict needs from the run's config: checked before the run is
+    created, so that a run that could not reach a verdict never starts."""
+    detectors = _plugin_names(config, "detector", "detectors")
+    interventions = _plugin_names(config, "intervention", "conditions")
+    return {
+        "causal_heads": {"+intervention=head_mask": (config.get("intervention") or {}).get("name") == "head_mask",
+                         "controls >= 19 (a null of 20 random head sets)": int(config.get("controls") or 0) >= 19},
+        "theta_heads": {"+detector=<name>": bool(config.get("detector"))},
+        "norm_utility": {"the utility detector": "utility" in detectors, "the qnorm detector": "qnorm" in detectors},
+        "lowfreq_dose": {"+intervention=<name>": bool(config.get("intervention")),
+                         "a dose list of two or more values": len((config.get("dose") or {}).get("values") or []) >= 2},
+        "dims_grid": {"mask_first_dims and mask_last_dims conditions": {"mask_first_dims", "mask_last_dims"} <= interventions},
+    }
+
+
+def check_claim(config: Mapping[str, Any]) -> None:
+    """Refuse an unknown claim, or a config from which the claim's verdict cannot be reached."""
+    name = config.get("claim")
+    if name is None:
+        return
+    if name not in CLAIMS:
         raise ConfigError(f"unknown claim {name!r}; available: {', '.join(CLAIMS)}")
+    missing = [what for what, present in _needs(config)[name].items() if not present]
+    if missing:
+        raise ConfigError(f"claim {name!r} needs {'; '.join(missing)} in the run's config (or claim=null to run "
+                          "without a verdict)")
