@@ -29,9 +29,12 @@ import re
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's framework, not an installed one
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

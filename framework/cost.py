@@ -5,7 +5,8 @@ names its steps with :func:`step` and hands over the loaded model with :func:`wa
 forward pre-hook counts every forward pass through the top-level model (greedy decoding, detection,
 interventions alike) and the token positions each one computes.
 
-Metrics: ``cost/wall_time_s``, ``cost/forward_passes``, ``cost/tokens``, ``cost/peak_rss_mb`` (the
+Metrics: ``cost/wall_time_s``, ``cost/model_time_s`` (inside the model's forward passes),
+``cost/forward_passes``, ``cost/tokens``, ``cost/peak_rss_mb`` (the
 process's peak resident memory during the run), ``cost/cuda_peak_mb`` on a GPU, and
 ``cost/step/<step>/wall_time_s`` per step. Tags: ``device``, ``dtype``. Artifact ``cost.json``: all
 of it, with forward passes and tokens per step (kept out of the metrics, which the UI lists
@@ -36,6 +37,7 @@ log = logging.getLogger(__name__)
 @dataclass
 class Tally:
     wall_time_s: float = 0.0
+    model_time_s: float = 0.0  # inside the model's forward passes; the rest is loading, logging, figures
     forward_passes: int = 0
     tokens: int = 0
 
@@ -51,7 +53,8 @@ class Meter:
         self.current: Tally | None = None
         self.tags: dict[str, str] = {}
         self.cuda_device: Any = None
-        self._hook: Any = None
+        self._hooks: list[Any] = []
+        self._forward_started = 0.0
 
     def step(self, name: str) -> None:
         """End the current step (if any) and start counting ``name``."""
@@ -59,13 +62,15 @@ class Meter:
         self.current = self.steps.setdefault(re.sub(r"[^\w\-.:/]+", "_", name).strip("_"), Tally())
 
     def watch(self, model: Any) -> None:
-        """Count the forward passes and tokens of ``model`` (a torch module) and note its device
-        and dtype; on a GPU, start its peak-memory count afresh."""
+        """Count the forward passes, tokens and seconds of ``model`` (a torch module) and note its
+        device and dtype; on a GPU, start its peak-memory count afresh (and time passes as the
+        host sees them: a pass's result is read before the next one starts)."""
         self.tags = {"device": str(model.device), "dtype": str(model.dtype).removeprefix("torch.")}
         if model.device.type == "cuda":
             self.cuda_device = model.device
             reset_peak(model.device)
-        self._hook = model.register_forward_pre_hook(self._count, with_kwargs=True)
+        self._hooks = [model.register_forward_pre_hook(self._count, with_kwargs=True),
+                       model.register_forward_hook(self._time)]
 
     def _count(self, module: Any, args: tuple, kwargs: dict) -> None:
         inputs = kwargs.get("input_ids")
@@ -75,6 +80,12 @@ class Meter:
         for tally in filter(None, (self.total, self.current)):
             tally.forward_passes += 1
             tally.tokens += tokens
+        self._forward_started = time.perf_counter()
+
+    def _time(self, module: Any, args: tuple, output: Any) -> None:
+        seconds = time.perf_counter() - self._forward_started
+        for tally in filter(None, (self.total, self.current)):
+            tally.model_time_s += seconds
 
     def _end_step(self) -> None:
         now = time.perf_counter()
@@ -86,9 +97,9 @@ class Meter:
         self._end_step()
         self.current = None
         self.total.wall_time_s = time.perf_counter() - self.started
-        if self._hook is not None:
-            self._hook.remove()
-            self._hook = None
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
 
     def metrics(self) -> dict[str, float]:
         metrics = {f"cost/{key}": float(value) for key, value in vars(self.total).items()}
@@ -174,6 +185,11 @@ def step(name: str) -> None:
     """Start counting the step ``name`` of the run being measured (none: nothing to count)."""
     if _active is not None:
         _active.step(name)
+
+
+def active() -> Meter | None:
+    """The meter of the run being measured, if any."""
+    return _active
 
 
 def watch(model: Any) -> None:

@@ -1,8 +1,8 @@
 """Detection across context lengths: are the heads found at 512 tokens the heads that retrieve at 8K?
 
-With ``detect_lengths=[512, 2048, 8192]`` a run builds the task's detection samples again at each
-length (the task's own grid of depths, one length at a time, ``detect_seed``) and runs its main
-detector and every extra detector there. Logged: per detector and length the scores, selection
+With ``detect_lengths=[512, 2048, 8192]`` a run takes the task's detection samples at each length
+(the task's own grid of depths, one length at a time, ``detect_seed``; built by the planner) and
+runs its main detector and every extra detector there. Logged: per detector and length the scores, selection
 and heatmap (``lengths/<detector>/<length>/``); one table ``lengths/detection.json`` with a row
 per detector and length (heads selected, selection fraction) and a row per detector and pair of
 lengths (Spearman's rho of the scores, overlap and Jaccard index of the selections); and the
@@ -14,31 +14,28 @@ from __future__ import annotations
 
 import logging
 from itertools import combinations
-from typing import Any, Mapping
+from typing import Mapping
 
 import mlflow
 import pandas as pd
 
-from framework.interfaces import Detector, HeadScores, LoadedModel
-from framework.registry import Registry
+from framework.interfaces import Detector, HeadScores, LoadedModel, Sample
 
 log = logging.getLogger(__name__)
 
 
 def detect_across_lengths(
-    config: Mapping[str, Any], registry: Registry, detectors: Mapping[str, Detector], model: LoadedModel
+    samples_by_length: Mapping[int, list[Sample]], detectors: Mapping[str, Detector], model: LoadedModel
 ) -> pd.DataFrame | None:
-    """Run each detector (by key: ``main`` and the extra detectors' keys) at every length of
-    ``detect_lengths``, log scores and agreement, and return the table (None without lengths)."""
+    """Run each detector (by key: ``main`` and the extra detectors' keys) on the detection samples
+    of every length, log scores and agreement, and return the table (None without lengths)."""
     from framework.pipeline import _detector_agreement, _log_head_scores  # the run's own comparison and logging
 
-    lengths = [int(n) for n in config.get("detect_lengths") or []]
+    lengths = list(samples_by_length)
     if not lengths:
         return None
     results: dict[str, dict[int, HeadScores]] = {key: {} for key in detectors}
-    for length in lengths:
-        task = registry.create("task", {**config["task"], "context_lengths": [length]})
-        samples = task.build_samples(model.tokenizer, "detect", config["detect_seed"])
+    for length, samples in samples_by_length.items():
         for key, detector in detectors.items():
             log.info("[detection at %d tokens] %s on %d samples", length, detector.name, len(samples))
             results[key][length] = found = detector.detect(model, samples)

@@ -15,7 +15,15 @@ condition), and prices them with a cost model of the model on this device:
 
 The coefficients are measured once per model, device, dtype and thread count by a calibration
 of a few short forward passes (:func:`calibrate`, logged as it happens) and cached as JSON in
-``<model cache>/cost/``. ``dry_run=true`` prints the plan and stops before any MLflow run; a
+``<model cache>/cost/``. A run longer than twice the longest calibrated pass first extends the
+calibration with single passes at doubling lengths up to its own (at most ``LONG_CALIBRATION_CAP``
+tokens), so that the quadratic attention term is measured where it dominates, not extrapolated.
+
+What is not a forward pass (loading, MLflow logging, tables, figures, statistics) is priced as
+*bookkeeping*: ``b0 + b1 * steps``, fitted on the runs this machine finished before (each run
+records its wall time less its model time, :func:`framework.cost.Meter`, and less loading, in
+``<model cache>/cost/bookkeeping-<device>.json``); until one has finished it is not priced, and
+the plan says so. ``dry_run=true`` prints the plan and stops before any MLflow run; a
 real run logs the estimate as ``estimate.*`` parameters and, at its end, what it actually took
 and the ratios ``estimate/time_ratio`` and ``estimate/memory_ratio`` (actual / estimated).
 
@@ -39,6 +47,7 @@ import numpy as np
 import torch
 from scipy.optimize import nnls
 
+from framework import cost
 from framework.cost import memory_now, memory_peak, reset_peak
 from framework.generation import length_batches
 from framework.interfaces import ConfigError, Detector, Sample, Task
@@ -52,6 +61,8 @@ log = logging.getLogger(__name__)
 CALIBRATION_POINTS: tuple[tuple[int, int], ...] = ((1, 256), (1, 1024), (1, 2048), (2, 1024), (2, 2048))
 CALIBRATION_DECODE_STEPS = 4
 CALIBRATION_REPEATS = 2
+LONG_CALIBRATION_CAP = 16384  # longest pass the calibration measures: 2 min for Gemma-3-270m on 2 cores
+BOOKKEEPING_HISTORY = 20  # finished runs kept to price bookkeeping
 _MAX_PADDING = 0.2  # greedy_generate's default: batches of similar length
 _GIB = 2**30
 
@@ -158,16 +169,74 @@ def _time_generation(model: Any, ids: torch.Tensor, mask: torch.Tensor, device: 
     return prefill, float(np.median(steps)), peak
 
 
-def calibrate(spec: Mapping[str, Any]) -> Calibration:
-    """The model's cost coefficients on its configured device, measured once and cached."""
+def _measure_points(model: Any, shapes: list[tuple[int, int]], repeats: int, masked_always: bool,
+                    device: torch.device) -> list[dict[str, float]]:
+    """Time generation's prefill and decode steps at each (batch, length); batches > 1 are
+    left-padded by one token, so that the explicit-mask path of attention is measured too."""
+    vocab = model.config.get_text_config().vocab_size
+    rng = np.random.default_rng(0)
+    points = []
+    with torch.inference_mode():
+        for batch, length in shapes:
+            ids = torch.tensor(rng.integers(vocab // 4, vocab // 2, size=(batch, length)), device=device)
+            mask = torch.ones_like(ids)
+            if batch > 1:
+                mask[0, 0] = 0
+            # the faster of the repeats: a shared machine's passing load inflates one, rarely both
+            runs = [_time_generation(model, ids, mask, device) for _ in range(repeats)]
+            prefill, step, peak = min(r[0] for r in runs), min(r[1] for r in runs), min(r[2] for r in runs)
+            points.append({"batch": batch, "length": length, "masked": float(batch > 1 or masked_always),
+                           "prefill_seconds": prefill, "decode_step_seconds": step, "peak_bytes": float(peak)})
+            log.info("cost calibration: batch %d x %d tokens: prefill %.2f s, decode step %.3f s, +%.0f MiB",
+                     batch, length, prefill, step, peak / 2**20)
+    return points
+
+
+def _long_shapes(calibrated: int, longest: int, limit: int) -> list[tuple[int, int]]:
+    """Single passes at doubling lengths beyond ``calibrated`` up to ``longest`` (capped), for a
+    run whose passes are more than twice as long as any calibrated one."""
+    top = min(longest, LONG_CALIBRATION_CAP, limit or LONG_CALIBRATION_CAP)
+    if top <= 2 * calibrated:
+        return []
+    shapes, length = [], calibrated
+    while length < top:
+        length = min(2 * length, top)
+        shapes.append((1, length))
+    return shapes
+
+
+def _save(calibration: Calibration, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_suffix(f".{os.getpid()}.tmp")
+    staging.write_text(json.dumps(asdict(calibration), indent=1))
+    staging.replace(path)  # atomic: concurrent runs calibrating at once each see a whole file
+
+
+def calibrate(spec: Mapping[str, Any], longest: int = 0, limit: int = 0) -> Calibration:
+    """The model's cost coefficients on its configured device, measured once and cached; extended
+    with longer passes when a run needs prefills of ``longest`` tokens (at most ``limit``)."""
     device = resolve_device(spec.get("device", "auto"))
     dtype = resolve_dtype(spec.get("dtype", "auto"), device)
     path = _calibration_path(spec, device, dtype)
-    if path.exists():
-        return Calibration(**json.loads(path.read_text()))
-    log.warning("cost calibration: %s on %s (%s, %d threads) is not calibrated yet; loading it once for %d short "
+    mask_bytes = 1 + torch.empty(0, dtype=dtype).element_size()
+    cached = Calibration(**json.loads(path.read_text())) if path.exists() else None
+    if cached is not None:
+        extra = _long_shapes(max(int(p["length"]) for p in cached.points), longest, limit)
+        if not extra:
+            return cached
+        log.warning("cost calibration: this run's prompts reach %d tokens; measuring %s once more at %s tokens "
+                    "(cached in %s)", longest, spec["name"], ", ".join(str(n) for _, n in extra), path)
+        model = load_model(spec)
+        points = cached.points + _measure_points(model.model, extra, 1, _sliding(model.model.config), device)
+        del model
+        _trim()
+        cached.__dict__.update(fit_costs(points, mask_bytes))
+        _save(cached, path)
+        return cached
+    shapes = list(CALIBRATION_POINTS) + _long_shapes(max(n for _, n in CALIBRATION_POINTS), longest, limit)
+    log.warning("cost calibration: %s on %s (%s, %d threads) is not calibrated yet; loading it once for %d "
                 "forward passes (up to %d tokens), result cached in %s", spec["name"], device.type, dtype,
-                torch.get_num_threads(), len(CALIBRATION_POINTS), max(n for _, n in CALIBRATION_POINTS), path)
+                torch.get_num_threads(), len(shapes), max(n for _, n in shapes), path)
     _trim()
     before = memory_now(device)
     reset_peak(device)
@@ -175,38 +244,22 @@ def calibrate(spec: Mapping[str, Any]) -> Calibration:
     model = load_model(spec)
     load_seconds = time.perf_counter() - started
     load_peak = memory_peak(device) - before
-    masked_always = _sliding(model.model.config)
     vocab = model.model.config.get_text_config().vocab_size
-    rng = np.random.default_rng(0)
-    points = []
     with torch.inference_mode():
         model.model(input_ids=torch.tensor([[vocab // 3] * 64], device=device), logits_to_keep=1)  # warm-up, not measured
-        _trim()
-        weights = memory_now(device) - before  # resident once used (a cached copy is mapped lazily)
-        for batch, length in CALIBRATION_POINTS:
-            ids = torch.tensor(rng.integers(vocab // 4, vocab // 2, size=(batch, length)), device=device)
-            mask = torch.ones_like(ids)
-            if batch > 1:
-                mask[0, 0] = 0  # one left-padding token: the explicit-mask path
-            # the faster of two repeats: a shared machine's passing load inflates one, rarely both
-            runs = [_time_generation(model.model, ids, mask, device) for _ in range(CALIBRATION_REPEATS)]
-            prefill, step, peak = min(r[0] for r in runs), min(r[1] for r in runs), min(r[2] for r in runs)
-            points.append({"batch": batch, "length": length, "masked": float(batch > 1 or masked_always),
-                           "prefill_seconds": prefill, "decode_step_seconds": step, "peak_bytes": float(peak)})
-            log.info("cost calibration: batch %d x %d tokens: prefill %.2f s, decode step %.3f s, +%.0f MiB",
-                     batch, length, prefill, step, peak / 2**20)
+    _trim()
+    weights = memory_now(device) - before  # resident once used (a cached copy is mapped lazily)
+    masked_always = _sliding(model.model.config)
+    points = _measure_points(model.model, list(CALIBRATION_POINTS), CALIBRATION_REPEATS, masked_always, device)
+    points += _measure_points(model.model, shapes[len(CALIBRATION_POINTS):], 1, masked_always, device)
     del model
     _trim()
     calibration = Calibration(
         model=spec["name"], device=device.type, dtype=str(dtype).removeprefix("torch."), threads=torch.get_num_threads(),
         load_seconds=load_seconds, weights_bytes=int(weights), load_peak_bytes=int(load_peak),
-        **fit_costs(points, 1 + torch.empty(0, dtype=dtype).element_size()),
-        load_average=os.getloadavg()[0],
+        **fit_costs(points, mask_bytes), load_average=os.getloadavg()[0],
     )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_suffix(f".{os.getpid()}.tmp")
-    staging.write_text(json.dumps(asdict(calibration), indent=1))
-    staging.replace(path)  # atomic: concurrent runs calibrating at once each see a whole file
+    _save(calibration, path)
     return calibration
 
 
@@ -261,14 +314,17 @@ class Estimate:
     weights_bytes: int
     load_peak_bytes: int
     notes: list[str] = field(default_factory=list)
+    bookkeeping_steps: int = 0  # the run's steps, which the bookkeeping's price counts
+    bookkeeping_seconds: float | None = None  # None until a run finished on this machine
     watch: Stopwatch | None = None
     # the samples priced here, which the run then evaluates (built once, from the same tokenizer files)
     eval_samples: list[Sample] = field(default_factory=list, repr=False)
     detect_samples: list[Sample] = field(default_factory=list, repr=False)
+    detect_samples_by_length: dict[int, list[Sample]] = field(default_factory=dict, repr=False)
 
     @property
     def seconds(self) -> float:
-        return self.load_seconds + sum(s.seconds for s in self.steps)
+        return self.load_seconds + sum(s.seconds for s in self.steps) + (self.bookkeeping_seconds or 0.0)
 
     @property
     def peak_bytes(self) -> float:
@@ -297,6 +353,8 @@ class Estimate:
             lines.append(f"  {s.name:<28}{s.samples:>8}{s.passes:>10}{s.tokens:>12}{s.decode_steps:>14}"
                          f"{_duration(s.seconds):>11}")
         lines.append(f"  {'load the model':<72}{_duration(self.load_seconds):>11}")
+        bookkeeping = "not yet" if self.bookkeeping_seconds is None else _duration(self.bookkeeping_seconds)
+        lines.append(f"  {'bookkeeping (logging, figures, statistics)':<72}{bookkeeping:>11}")
         lines.append(f"total: {self.forward_passes} forward passes over {self.tokens} prompt tokens; "
                      f"estimated wall time {_duration(self.seconds)}, peak memory {self.peak_bytes / _GIB:.2f} GiB")
         lines.extend(f"note: {note}" for note in self.notes)
@@ -375,6 +433,38 @@ def _detection(name: str, detector: Detector, samples: list[Sample], sliding: bo
     return step
 
 
+def _bookkeeping_path(device: torch.device) -> Path:
+    return cache_root() / "cost" / f"bookkeeping-{device.type}.json"
+
+
+def _bookkeeping_runs(device: torch.device) -> list[dict[str, float]]:
+    path = _bookkeeping_path(device)
+    return json.loads(path.read_text())["runs"] if path.exists() else []
+
+
+def price_bookkeeping(runs: list[dict[str, float]], steps: int) -> float | None:
+    """Seconds of a run's bookkeeping with ``steps`` steps: ``b0 + b1 * steps`` fitted (non-negative
+    least squares) on finished runs' records (``steps``, ``seconds``); their mean while all had
+    the same number of steps; None before any run finished."""
+    if not runs:
+        return None
+    if len({r["steps"] for r in runs}) < 2:
+        return float(np.mean([r["seconds"] for r in runs]))
+    coefficients = nnls(np.array([[1.0, r["steps"]] for r in runs]), np.array([r["seconds"] for r in runs]))[0]
+    return float(coefficients @ [1.0, steps])
+
+
+def _record_bookkeeping(device: torch.device, record: dict[str, Any]) -> None:
+    """Keep a finished run's bookkeeping seconds for the next plans (the last BOOKKEEPING_HISTORY
+    runs; two runs ending at the same instant may keep only one of their records)."""
+    path = _bookkeeping_path(device)
+    runs = (_bookkeeping_runs(device) + [record])[-BOOKKEEPING_HISTORY:]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = path.with_suffix(f".{os.getpid()}.tmp")
+    staging.write_text(json.dumps({"runs": runs}, indent=1))
+    staging.replace(path)
+
+
 def estimate_run(
     config: Mapping[str, Any], registry: Registry, task: Task, detector: Detector | None,
     extra_detectors: Mapping[str, Detector], n_treatments: int,
@@ -392,11 +482,14 @@ def estimate_run(
     tokenizer = load_tokenizer(spec)
     samples = task.build_samples(tokenizer, "eval", config["seed"])
     detect = task.build_samples(tokenizer, "detect", config["detect_seed"]) if detector is not None else []
-    longest = max((len(s.input_ids) + len(s.answer_ids) for s in samples + detect), default=0)
+    by_length = {int(length): registry.create("task", {**config["task"], "context_lengths": [int(length)]})
+                 .build_samples(tokenizer, "detect", config["detect_seed"]) for length in config.get("detect_lengths") or []}
+    everything = samples + detect + [s for at_length in by_length.values() for s in at_length]
+    longest = max((len(s.input_ids) + len(s.answer_ids) for s in everything), default=0)
     if limit and longest > limit:
         raise ConfigError(f"the task's longest prompt has {longest} tokens; {spec['name']} has room for {limit} "
                           f"(its positions less task.max_new_tokens): shorten the task")
-    cal = calibrate(spec)
+    cal = calibrate(spec, longest, limit)
     device = resolve_device(spec.get("device", "auto"))
     dtype = resolve_dtype(spec.get("dtype", "auto"), device)
     weights = weights_bytes(model_cfg, dtype)
@@ -406,9 +499,7 @@ def estimate_run(
     for key, plugin in ([("detection", detector)] if detector is not None else []) + \
             [(f"detection ({k})", d) for k, d in extra_detectors.items()]:
         steps.append(_detection(key, plugin, detect, sliding, cal, notes))
-    for length in config.get("detect_lengths") or []:
-        at_length = registry.create("task", {**config["task"], "context_lengths": [length]})
-        detect_at = at_length.build_samples(tokenizer, "detect", config["detect_seed"])
+    for length, detect_at in by_length.items():
         for key, plugin in [("main", detector), *extra_detectors.items()]:
             steps.append(_detection(f"detection {key} @ {length}", plugin, detect_at, sliding, cal, notes))
     if n_treatments:  # every condition generates on the same samples: one step's work, n times
@@ -418,10 +509,16 @@ def estimate_run(
     if cal.load_average > 1.5 * os.cpu_count():
         notes.append(f"the cost calibration ran on a busy machine (load {cal.load_average:.1f} on {os.cpu_count()} "
                      f"cores): times are priced for that load; delete {_calibration_path(spec, device, dtype)} to measure again")
+    counted = len(steps) - bool(n_treatments) + n_treatments  # each condition a step of its own
+    bookkeeping = price_bookkeeping(_bookkeeping_runs(device), counted)
+    if bookkeeping is None:
+        notes.append("bookkeeping (MLflow logging, tables, figures, statistics) is not priced yet: it is learned from "
+                     f"the runs that finish on this machine ({_bookkeeping_path(device)})")
     estimate = Estimate(
         model=spec["name"], device=cal.device, dtype=cal.dtype, conditions=1 + n_treatments, samples=len(samples),
-        eval_samples=samples, detect_samples=detect,
+        eval_samples=samples, detect_samples=detect, detect_samples_by_length=by_length,
         steps=steps, load_seconds=cal.load_seconds, base_bytes=0, weights_bytes=weights, load_peak_bytes=cal.load_peak_bytes, notes=notes,
+        bookkeeping_steps=counted, bookkeeping_seconds=bookkeeping,
     )
     del tokenizer
     estimate.watch = start_measuring(device)
@@ -439,8 +536,16 @@ def log_estimate(estimate: Estimate) -> None:
 
 
 def log_accuracy(estimate: Estimate) -> dict[str, float]:
-    """The run's actual cost next to the estimate, as metrics (ratios actual / estimated)."""
+    """The run's actual cost next to the estimate, as metrics (ratios actual / estimated); its
+    bookkeeping seconds (wall time less model time and loading) are kept to price later runs."""
     seconds, peak = measure_actual(estimate.watch)
+    meter = cost.active()
+    if meter is not None:
+        loading = meter.steps["load_model"].wall_time_s if "load_model" in meter.steps else 0.0
+        bookkeeping = max(0.0, seconds - meter.total.model_time_s - loading)
+        _record_bookkeeping(estimate.watch.device, {"steps": estimate.bookkeeping_steps, "seconds": round(bookkeeping, 2),
+                                                    "model": estimate.model})
+        mlflow.log_metric("actual/bookkeeping_seconds", bookkeeping)
     metrics = {"actual/seconds": seconds, "actual/peak_memory_gib": peak / _GIB,
                "estimate/time_ratio": seconds / estimate.seconds if estimate.seconds else float("nan"),
                "estimate/memory_ratio": peak / estimate.peak_bytes if estimate.peak_bytes else float("nan")}

@@ -123,12 +123,16 @@ class SweepCallback(Callback):
     the last (configured under ``hydra.callbacks`` in ``conf/config.yaml``)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.get("dry_run"):  # each job prints its plan; nothing is logged, so no parent run either
+            return
         try:
             _open(config)
         except Exception as error:  # no parent, no sweep: say so once instead of failing every job
             sys.exit(f"error: cannot open the sweep's parent run in MLflow: {type(error).__name__}: {error}")
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        if config.get("dry_run"):
+            return
         try:
             failed = close()
         except Exception as error:

@@ -4,6 +4,8 @@ logged to the MLflow run also when the run fails."""
 
 from __future__ import annotations
 
+import time
+
 import mlflow
 import numpy as np
 import psutil
@@ -43,6 +45,24 @@ def test_forward_passes_and_tokens_per_step():
     steps = metrics["cost/step/first/wall_time_s"] + metrics["cost/step/detection_qnorm/wall_time_s"]
     assert 0 < steps <= metrics["cost/wall_time_s"]
     assert meter.tags == {"device": "cpu", "dtype": "float32"}
+
+
+def test_model_time_counts_inside_forward_passes_only():
+    """Seconds spent inside the model's passes (a pre-hook sleeping 0.2 s stands for the work)
+    count as model time; a pause between passes counts only in the wall time."""
+    model = tiny_llama().model
+    meter = cost.Meter()
+    meter.watch(model)
+    model.register_forward_pre_hook(lambda module, args: time.sleep(0.2))  # runs after the meter's own
+    meter.step("baseline")
+    forward(model, 1, 4)
+    time.sleep(0.3)
+    forward(model, 1, 4)
+    meter.close()
+    metrics, steps = meter.metrics(), meter.report()["steps"]
+    assert metrics["cost/model_time_s"] >= 0.4
+    assert metrics["cost/wall_time_s"] - metrics["cost/model_time_s"] >= 0.3
+    assert steps["baseline"]["model_time_s"] == metrics["cost/model_time_s"]
 
 
 def test_peak_memory_covers_what_the_run_held():

@@ -58,6 +58,22 @@ def test_generation_is_priced_per_batch_of_similar_length():
     assert step.transient_bytes == pytest.approx(10.0 * 200 + 1.0 * 2 * 100**2)
 
 
+def test_bookkeeping_is_priced_from_the_runs_that_finished():
+    assert planner.price_bookkeeping([], 5) is None  # nothing learned yet: not priced (the plan says so)
+    same = [{"steps": 3, "seconds": 10.0}, {"steps": 3, "seconds": 14.0}]
+    assert planner.price_bookkeeping(same, 7) == pytest.approx(12.0)  # one shape seen: its mean
+    b0, b1 = 6.0, 0.5  # planted: 6 s per run and 0.5 s per step
+    runs = [{"steps": n, "seconds": b0 + b1 * n} for n in (2, 3, 22, 9)]
+    assert planner.price_bookkeeping(runs, 40) == pytest.approx(b0 + b1 * 40)
+
+
+def test_long_runs_extend_the_calibration_to_their_length():
+    assert planner._long_shapes(2048, 3000, 8180) == []  # within twice the calibrated length
+    assert planner._long_shapes(2048, 8000, 8180) == [(1, 4096), (1, 8000)]
+    assert planner._long_shapes(2048, 32000, 32756) == [(1, 4096), (1, 8192), (1, planner.LONG_CALIBRATION_CAP)]
+    assert planner._long_shapes(2048, 9000, 5000) == [(1, 4096), (1, 5000)]  # never beyond the model's room
+
+
 def test_context_lengths_beyond_the_positions_are_refused():
     model_cfg = SimpleNamespace(max_position_embeddings=8192)
     config = {"model": {"name": "smollm2_135m"}, "task": {"context_lengths": [1024, 100000], "max_new_tokens": 12}}
@@ -152,6 +168,17 @@ def test_dry_run_prints_the_plan_and_creates_no_run(tmp_path):
 
 
 @pytest.mark.e2e
+def test_a_dry_run_sweep_prints_every_plan_and_creates_no_run(tmp_path):
+    result = _cli(tmp_path, "--multirun", "dry_run=true", "+detector=attn_mass", "task.context_lengths=[256],[512]",
+                  "task.depths=[0.5]", "task.samples_per_cell=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("estimated wall time") == 2
+    baseline_tokens = re.findall(r"^  baseline +2 +1 +(\d+) ", result.stdout, re.MULTILINE)
+    assert baseline_tokens == ["512", "1024"]  # one batch of 2 samples at each length
+    assert _runs(tmp_path) == []  # no parent run either
+
+
+@pytest.mark.e2e
 def test_context_length_beyond_the_positions_is_refused_before_a_run(tmp_path):
     result = _cli(tmp_path, "task.context_lengths=[100000]")
     assert result.returncode != 0
@@ -184,3 +211,8 @@ def test_long_context_run_with_own_texts_lengths_and_heatmap(tmp_path, texts):
     assert 0.0 <= metrics["recall/baseline"] <= 1.0  # ROUGE-1 recall, continuous
     assert metrics["estimate/time_ratio"] > 0 and metrics["estimate/memory_ratio"] > 0
     assert float(run.data.params["estimate.seconds"]) > 0 and run.data.params["estimate.conditions"] == "3"
+    # its bookkeeping (wall time less model time and loading) is kept to price the next runs
+    assert 0 < metrics["actual/bookkeeping_seconds"] < metrics["actual/seconds"] - metrics["cost/model_time_s"] + 1e-6
+    records = json.loads((planner.cache_root() / "cost" / "bookkeeping-cpu.json").read_text())["runs"]
+    assert {"steps": 1 + 2 + 2 * 2 + 2, "seconds": round(metrics["actual/bookkeeping_seconds"], 2),
+            "model": "smollm2_135m"} in records
