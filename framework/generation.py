@@ -36,10 +36,11 @@ def greedy_generate(
     max_new_tokens: int,
     edit: AttentionEdit | None = None,
     batch_size: int = 8,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int, float], None] | None = None,
     max_padding: float = 0.2,
 ) -> list[str]:
-    """Generated text per sample (prompt excluded, special tokens removed), in sample order."""
+    """Generated text per sample (prompt excluded, special tokens removed), in sample order;
+    ``progress(samples, prompt_tokens)`` is called after each batch."""
     outputs: dict[int, str] = {}
     tokenizer = model.tokenizer
     pad = tokenizer.pad_token_id
@@ -65,5 +66,5 @@ def greedy_generate(
             for i, row in zip(batch, generated[:, width:]):
                 outputs[i] = tokenizer.decode(row, skip_special_tokens=True)
             if progress is not None:
-                progress(len(batch))
+                progress(len(batch), sum(len(samples[i].input_ids) for i in batch))
     return [outputs[i] for i in range(len(samples))]

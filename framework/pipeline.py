@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 def _evaluate(
     condition: str, model: LoadedModel, task: Task, samples: list[Sample], edit: AttentionEdit | None, batch_size: int
 ) -> tuple[list[str], np.ndarray]:
-    progress = Progress(len(samples), label=condition)
+    progress = Progress(len(samples), label=condition, work=sum(len(s.input_ids) for s in samples))
     outputs = greedy_generate(model, samples, task.max_new_tokens, edit, batch_size, progress.advance)
     outcomes = np.array([task.score(s, o) for s, o in zip(samples, outputs)])
     mlflow.log_metric(f"recall/{condition}", float(outcomes.mean()))

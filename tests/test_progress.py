@@ -32,6 +32,16 @@ def test_track_logs_a_line_per_item_with_the_step_label(caplog):
     assert found[-1].endswith("s left)")
 
 
+def test_time_left_follows_the_work_left_not_the_count(caplog, monkeypatch):
+    """A 1,000-token sample done in 10 s with a 3,000-token one to come: ~30 s left, not ~10 s."""
+    caplog.set_level(logging.INFO, logger="framework.progress")
+    clock = iter([100.0, 110.0, 140.0])
+    monkeypatch.setattr("framework.progress.time.perf_counter", lambda: next(clock))
+    samples = [Sample(str(n), [1] * n, "x", [5], (1, 2), 2, (0, 1)) for n in (1000, 3000)]
+    list(track(samples))
+    assert [line.rsplit(" (", 1)[1] for line in lines(caplog)] == ["10 s, ~30 s left)", "40 s, ~0 s left)"]
+
+
 def test_a_built_in_detector_reports_progress_per_sample(caplog):
     caplog.set_level(logging.INFO, logger="framework.progress")
     model = tiny_llama()
