@@ -68,6 +68,8 @@ CUDA = "cuda, cuda:0" if torch.cuda.is_available() else "cpu"
     (["+detector=attn_mass", "+intervention=zero_lowfreq", "intervention.n_dims=100"],
      "n_dims=100 is impossible: it must be an even number between 2 and the head dimension 64"),
     (["task=multidoc_qa", "task.path=missing.jsonl.gz"], "error: path='missing.jsonl.gz' is not a file"),
+    (["+experiment=claim1_causal_heads", "controls=5"],  # a verdict this run could not reach: refused, not failed hours later
+     "error: claim 'causal_heads' needs controls >= 19 (a null of 20 random head sets) in the run's config"),
 ])
 def test_bad_input_is_refused_before_any_run(tmp_path, overrides, message):
     refused(run(tmp_path, *overrides), tmp_path, message)
