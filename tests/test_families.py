@@ -425,3 +425,25 @@ def test_real_valued_pair_mask_is_differentiable(name):
     with torch.no_grad():
         numeric = (loss(u + eps * direction) - loss(u - eps * direction)) / (2 * eps)
     torch.testing.assert_close(u.grad @ direction, numeric, atol=1e-4, rtol=1e-2)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_retrieval_score_reads_absolute_positions_on_every_layer(name):
+    """Wu et al.'s top-1 attended position per head at each greedy decode step, against the eager
+    copy's attention rows over the whole sequence: equal on full and sliding-window layers alike
+    (a sliding layer's cache holds only its window, so its rows are shorter than the sequence)."""
+    from framework.models import prepare
+    from plugins.detectors.retrieval_score import greedy_top1
+
+    model, eager = build(name, fresh=True)
+    model.generation_config.eos_token_id = None  # decode every step
+    prompt = tokens().tolist()[0]
+    generated, top1 = greedy_top1(prepare(model, None, name), prompt, max_new_tokens=4)
+    sequence = torch.tensor([prompt + generated[:-1]])
+    with torch.no_grad():
+        rows = eager(input_ids=sequence, output_attentions=True).attentions  # per layer [1, heads, seq, seq]
+    for step in range(len(generated)):
+        expected = np.stack([a[0, :, SEQ - 1 + step].argmax(-1).numpy() for a in rows])
+        np.testing.assert_array_equal(top1[step], expected)
+    if window(model, 0) is not None:  # the window's keys only: positions outside it never come out
+        assert (top1[:, 0] > SEQ - 1 - WINDOW).all()

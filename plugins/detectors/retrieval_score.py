@@ -75,11 +75,15 @@ def copy_scores(
 
 def greedy_top1(model: LoadedModel, input_ids: Sequence[int], max_new_tokens: int) -> tuple[list[int], np.ndarray]:
     """Greedy tokens (stopping after an end-of-sequence token) and, per token, every head's
-    top-1 attended position in the pass that produced it: [steps, layers, heads]."""
+    top-1 attended position in the pass that produced it: [steps, layers, heads].
+
+    Positions are absolute: a sliding-window layer's cache holds only the latest keys, so its
+    row's index j is the key at position ``query + 1 - len(row) + j`` (0 offset on full layers)."""
     top1 = torch.zeros(model.info.n_layers, model.info.n_heads, dtype=torch.long, device=model.device)
+    query = [len(input_ids) - 1]  # the position of the token fed in the current decode step
 
     def sink(layer: int, probs: torch.Tensor) -> None:
-        top1[layer] = probs[0, :, 0].argmax(dim=-1)
+        top1[layer] = probs[0, :, 0].argmax(dim=-1) + (query[0] + 1 - probs.shape[-1])
 
     stop = model.model.generation_config.eos_token_id
     stop = set(stop if isinstance(stop, list) else [stop])
@@ -94,6 +98,7 @@ def greedy_top1(model: LoadedModel, input_ids: Sequence[int], max_new_tokens: in
             cache, token = out.cache, int(out.logits[0, -1].argmax())
             tokens.append(token)
             steps.append(top1.cpu().numpy().copy())
+            query[0] += 1
             if token in stop:
                 break
     return tokens, np.stack(steps)
