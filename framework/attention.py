@@ -608,7 +608,7 @@ def mean_head_outputs(
     device = next(model.parameters()).device
     with torch.inference_mode(), instrumented(model, head_outputs=sink):
         for ids in sequences:
-            model(input_ids=torch.tensor([list(ids)], device=device), logits_to_keep=1)
+            model(input_ids=torch.tensor([list(ids)], device=device), use_cache=False, logits_to_keep=1)
             count += len(ids)
     if count == 0:
         raise ValueError("mean_head_outputs needs at least one non-empty sequence")

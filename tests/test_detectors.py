@@ -13,7 +13,7 @@ import torch
 from transformers import MistralConfig, MistralForCausalLM
 
 from conftest import tiny_llama
-from framework.attention import RowCapture, attention_probs, attention_rows, instrumented, key_bias
+from framework.attention import RowCapture, attention_probs, attention_rows, instrumented, key_bias, mean_head_outputs
 from framework.interfaces import ConfigError, Sample, Task
 from framework.models import prepare
 from framework.registry import get_registry
@@ -221,6 +221,20 @@ def test_utility_detector_on_a_tiny_model(llama):
         (int(i) // 4, int(i) % 4) for i in np.argsort(-result.scores.ravel(), kind="stable")[:5]}
     kept = Utility(steps=30, score="kept").head_scores(utility, np.stack([llama.inv_freq] * 3))
     np.testing.assert_allclose(kept, (utility >= 0.5).sum(-1) / 16)
+
+
+def test_teacher_forced_detection_passes_keep_no_kv_cache():
+    """attn_mass, utility and the mean head outputs read each pass once: a KV cache built there
+    would be memory for nothing (16 GiB per pass at 128K on Llama-3.1-8B)."""
+    model = tiny_llama()
+    caches: list[object] = []
+    model.model.register_forward_hook(lambda module, args, output: caches.append(output.get("cache")))
+    ids = torch.randint(3, 256, (30,), generator=torch.Generator().manual_seed(0)).tolist()
+    sample = Sample("s", [1] + ids[:24], "", ids[24:], (1, 20), 20, (5, 10))
+    get_registry().create("detector", {"name": "attn_mass", "threshold": None, "top_k": 2}).detect(model, [sample])
+    Utility(steps=2, top_k=2).detect(model, [sample])
+    mean_head_outputs(model.model, [ids])
+    assert len(caches) == 3 and caches == [None] * 3
 
 
 # --- qnorm and configs -------------------------------------------------------------------------

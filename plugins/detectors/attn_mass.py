@@ -47,7 +47,7 @@ class AttentionMass(Detector):
 
         rows = torch.arange(sample.query_start, len(ids), device=model.device)
         with torch.inference_mode(), instrumented(model.model, capture=RowCapture(rows, sink)):
-            model.model(input_ids=torch.tensor([ids], device=model.device), logits_to_keep=1)
+            model.model(input_ids=torch.tensor([ids], device=model.device), use_cache=False, logits_to_keep=1)
         return mass
 
     def detect(self, model: LoadedModel, samples: list[Sample]) -> HeadScores:

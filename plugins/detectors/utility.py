@@ -149,7 +149,7 @@ class Utility(Detector):
             constants[layer] = (inputs.scaling, inputs.softcap)
 
         with torch.no_grad(), instrumented(model.model, inputs=sink):  # not inference_mode: autograd needs them later
-            model.model(input_ids=torch.tensor([ids], device=model.device), logits_to_keep=1)
+            model.model(input_ids=torch.tensor([ids], device=model.device), use_cache=False, logits_to_keep=1)
         return tensors, constants
 
     def head_scores(self, utility: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
