@@ -27,7 +27,8 @@ the plan says so. ``dry_run=true`` prints the plan and stops before any MLflow r
 real run logs the estimate as ``estimate.*`` parameters and, at its end, what it actually took
 and the ratios ``estimate/time_ratio`` and ``estimate/memory_ratio`` (actual / estimated).
 
-Context lengths beyond the model's positions are refused here, before any run is created.
+Context lengths beyond the model's positions, and runs whose estimated peak memory exceeds the
+device's, are refused here, before any run is created (a dry run prints the plan with a note).
 """
 
 from __future__ import annotations
@@ -523,9 +524,23 @@ def estimate_run(
     del tokenizer
     estimate.watch = start_measuring(device)
     estimate.base_bytes = memory_now(device)
+    room = device_memory(device)
+    too_big = (f"the estimated peak memory, {estimate.peak_bytes / _GIB:.1f} GiB, exceeds the {room / _GIB:.1f} GiB of "
+               f"{device.type}: lower batch_size or the longest context length, or choose a smaller model or dtype")
+    if estimate.peak_bytes > room:
+        estimate.notes.append(too_big)
     if config.get("dry_run"):
         print(estimate.report())
+    elif estimate.peak_bytes > room:  # refused before the run: out of memory, a process is killed mid-run
+        raise ConfigError(too_big)
     return estimate
+
+
+def device_memory(device: torch.device) -> int:
+    """Bytes the device has in all: the GPU's memory, or the machine's physical memory on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def log_estimate(estimate: Estimate) -> None:

@@ -88,6 +88,18 @@ def test_a_context_longer_than_the_model_is_refused(tmp_path):
     assert line.startswith("error: ") and "8192" in line and "positions" in line
 
 
+def test_a_run_that_would_not_fit_in_memory_is_refused(tmp_path):
+    """One padded batch of 2K-token prompts sized to need about 1.5x this machine's memory (at
+    least 50 kB per prompt token in SmolLM2's pass; the planner measures ~130 kB)."""
+    from framework.planner import device_memory
+
+    batch = int(1.5 * device_memory(torch.device("cpu")) / (2048 * 50e3)) + 1
+    result = run(tmp_path, f"batch_size={batch}", "task.context_lengths=[2048]", "task.depths=[0.5]",
+                 f"task.samples_per_cell={batch}")
+    refused(result, tmp_path, "error: the estimated peak memory, ")
+    assert "GiB of cpu: lower batch_size or the longest context length" in result.stderr
+
+
 def test_a_plugin_name_taken_twice_is_refused(tmp_path):
     site = make_distribution(tmp_path, "impostor-plugin", "impostor", IMPOSTOR, {"impostor": "impostor"})
     refused(run(tmp_path, "+detector=attn_mass", env=environment(pythonpath=site)), tmp_path,
