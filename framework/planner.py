@@ -344,7 +344,9 @@ class Estimate:
         return {"estimate.seconds": round(self.seconds, 1), "estimate.peak_memory_gib": round(self.peak_bytes / _GIB, 3),
                 "estimate.conditions": self.conditions, "estimate.samples": self.samples,
                 "estimate.forward_passes": self.forward_passes, "estimate.tokens": self.tokens,
-                "estimate.device": f"{self.device} {self.dtype}"}
+                "estimate.device": f"{self.device} {self.dtype}",
+                "estimate.bookkeeping_seconds": "not priced yet" if self.bookkeeping_seconds is None
+                else round(self.bookkeeping_seconds, 1)}
 
     def report(self) -> str:
         lines = [f"plan for {self.model} on {self.device} ({self.dtype}): {self.conditions} conditions "
