@@ -15,7 +15,7 @@ condition), and prices them with a cost model of the model on this device:
 
 The coefficients are measured once per model, device, dtype and thread count by a calibration
 of a few short forward passes (:func:`calibrate`, logged as it happens) and cached as JSON in
-``<model cache>/cost/``. A run longer than twice the longest calibrated pass first extends the
+``<model cache>/cost/``. A run longer than 1.5x the longest calibrated pass first extends the
 calibration with single passes at doubling lengths up to its own (at most ``LONG_CALIBRATION_CAP``
 tokens), so that the quadratic attention term is measured where it dominates, not extrapolated.
 
@@ -194,16 +194,16 @@ def _measure_points(model: Any, shapes: list[tuple[int, int]], repeats: int, mas
 
 
 def _long_shapes(calibrated: int, longest: int, limit: int) -> list[tuple[int, int]]:
-    """Single passes at doubling lengths beyond ``calibrated`` up to ``longest`` (capped), for a
-    run whose passes are more than twice as long as any calibrated one."""
+    """Single passes for a run whose prompts reach ``longest`` tokens, more than 1.5x the longest
+    calibrated pass: at doubling lengths while well short of it, then at its length (capped)."""
     top = min(longest, LONG_CALIBRATION_CAP, limit or LONG_CALIBRATION_CAP)
-    if top <= 2 * calibrated:
+    if top <= 1.5 * calibrated:
         return []
-    shapes, length = [], calibrated
-    while length < top:
-        length = min(2 * length, top)
-        shapes.append((1, length))
-    return shapes
+    lengths, length = [], 2 * calibrated
+    while length < top / 1.5:
+        lengths.append(length)
+        length *= 2
+    return [(1, n) for n in [*lengths, top]]
 
 
 def _save(calibration: Calibration, path: Path) -> None:

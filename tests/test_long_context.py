@@ -68,10 +68,12 @@ def test_bookkeeping_is_priced_from_the_runs_that_finished():
 
 
 def test_long_runs_extend_the_calibration_to_their_length():
-    assert planner._long_shapes(2048, 3000, 8180) == []  # within twice the calibrated length
+    assert planner._long_shapes(2048, 3000, 8180) == []  # within 1.5x the calibrated length
+    assert planner._long_shapes(2048, 4100, 8180) == [(1, 4100)]
+    assert planner._long_shapes(4100, 8000, 8180) == [(1, 8000)]  # the next, longer run
     assert planner._long_shapes(2048, 8000, 8180) == [(1, 4096), (1, 8000)]
     assert planner._long_shapes(2048, 32000, 32756) == [(1, 4096), (1, 8192), (1, planner.LONG_CALIBRATION_CAP)]
-    assert planner._long_shapes(2048, 9000, 5000) == [(1, 4096), (1, 5000)]  # never beyond the model's room
+    assert planner._long_shapes(2048, 9000, 5000) == [(1, 5000)]  # never beyond the model's room
 
 
 def test_context_lengths_beyond_the_positions_are_refused():
