@@ -228,7 +228,7 @@ def calibrate(spec: Mapping[str, Any], longest: int = 0, limit: int = 0) -> Cali
         log.warning("cost calibration: this run's prompts reach %d tokens; measuring %s once more at %s tokens "
                     "(cached in %s)", longest, spec["name"], ", ".join(str(n) for _, n in extra), path)
         model = load_model(spec)
-        points = cached.points + _measure_points(model.model, extra, 1, _sliding(model.model.config), device)
+        points = cached.points + _measure_points(model.model, extra, CALIBRATION_REPEATS, _sliding(model.model.config), device)
         del model
         _trim()
         cached.__dict__.update(fit_costs(points, mask_bytes))
@@ -252,7 +252,7 @@ def calibrate(spec: Mapping[str, Any], longest: int = 0, limit: int = 0) -> Cali
     weights = memory_now(device) - before  # resident once used (a cached copy is mapped lazily)
     masked_always = _sliding(model.model.config)
     points = _measure_points(model.model, list(CALIBRATION_POINTS), CALIBRATION_REPEATS, masked_always, device)
-    points += _measure_points(model.model, shapes[len(CALIBRATION_POINTS):], 1, masked_always, device)
+    points += _measure_points(model.model, shapes[len(CALIBRATION_POINTS):], CALIBRATION_REPEATS, masked_always, device)
     del model
     _trim()
     calibration = Calibration(
