@@ -44,8 +44,9 @@ def available_devices() -> list[str]:
     return devices
 
 
-def check_device(device: Any) -> torch.device | None:
-    """``model.device`` as a torch device (None for ``auto``), refused unless it exists here."""
+def check_device(device: Any, option: str = "model.device") -> torch.device | None:
+    """``model.device`` (or the ``option`` named) as a torch device (None for ``auto``), refused
+    unless it exists here."""
     available = available_devices()
     if device == "auto":
         return None
@@ -54,7 +55,7 @@ def check_device(device: Any) -> torch.device | None:
     except (RuntimeError, TypeError):
         parsed = None
     if parsed is None or str(parsed) not in available:
-        raise ConfigError(f"model.device={device!r} is not available on this machine; "
+        raise ConfigError(f"{option}={device!r} is not available on this machine; "
                           f"choose one of {', '.join(available)}")
     return parsed
 
@@ -69,6 +70,11 @@ def check_dtype(dtype: Any, device: torch.device | None) -> None:
                           f"({torch.cuda.get_device_name()}); choose float16 or float32")
 
 
+def check_model_device(model: Mapping[str, Any]) -> None:
+    """A model spec's ``device`` and ``dtype`` (the training studies check theirs with this too)."""
+    check_dtype(model.get("dtype", "auto"), check_device(model.get("device", "auto")))
+
+
 def validate(config: Mapping[str, Any]) -> None:
     """Refuse a composed config whose core options are impossible (see the module docstring)."""
     _integer(config, "seed", 0, "it seeds the evaluation samples")
@@ -81,4 +87,4 @@ def validate(config: Mapping[str, Any]) -> None:
     model = config.get("model")
     if not isinstance(model, Mapping) or not model.get("name"):
         raise ConfigError(f"model={model!r} is impossible: choose a model config, e.g. model=smollm2_135m")
-    check_dtype(model.get("dtype", "auto"), check_device(model.get("device", "auto")))
+    check_model_device(model)

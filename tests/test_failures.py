@@ -81,6 +81,14 @@ def test_a_device_that_is_not_here_is_refused_naming_the_ones_that_are(tmp_path)
             "error: model.device='cuda' is not available on this machine; choose one of auto, cpu")
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("module, option", [("framework.studies.rope_vs_nope", "device"),
+                                            ("framework.studies.retmask", "model.device")])
+def test_a_training_study_refuses_a_device_that_is_not_here(tmp_path, module, option):
+    result = run(tmp_path, f"{option}=cuda", module=module)
+    refused(result, tmp_path, f"error: {option}='cuda' is not available on this machine; choose one of auto, cpu")
+
+
 def test_a_context_longer_than_the_model_is_refused(tmp_path):
     result = run(tmp_path, "task.context_lengths=[100000]")
     refused(result, tmp_path, "context_lengths")

@@ -29,7 +29,7 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
-from framework import tracking
+from framework import tracking, validation
 from framework.attention import AttentionEdit
 from framework.generation import greedy_generate
 from framework.interfaces import ConfigError, LoadedModel, Sample, Task
@@ -97,6 +97,7 @@ def evaluate(model: LoadedModel, task: Task, samples: list[Sample], batch_size: 
 
 def check(config: Mapping[str, Any]) -> None:
     """Refuse impossible settings before any model work."""
+    validation.check_model_device(config["model"])
     seeds = [config["seed"], config["detect_seed"], *config["train_seeds"]]
     if not config["train_seeds"] or len(set(seeds)) < len(seeds):
         raise ConfigError(

@@ -42,6 +42,7 @@ from framework.interfaces import ConfigError, LoadedModel  # noqa: E402
 from framework.models import info_from_config, prepare, resolve_device  # noqa: E402
 from framework.registry import get_registry  # noqa: E402
 from framework.rope import highest_frequency_dims, lowest_frequency_dims  # noqa: E402
+from framework.validation import check_device  # noqa: E402
 from framework.studies.synthetic_kv import KVTask, build_model, retrieval_accuracy, retrieval_loss  # noqa: E402
 from framework.studies.training import fit  # noqa: E402
 from plugins.detectors.qnorm import query_row_norms  # noqa: E402
@@ -89,6 +90,7 @@ def pair_profile(per_dim: np.ndarray, inv_freq: np.ndarray) -> np.ndarray:
 
 def check(config: Mapping[str, Any]) -> KVTask:
     """Refuse impossible settings before any training; the task they describe."""
+    check_device(config.get("device", "auto"), option="device")
     task = KVTask(**config["data"])
     head_dim = config["model"]["head_dim"]
     if head_dim % (2 * N_BANDS):
