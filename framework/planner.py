@@ -170,7 +170,7 @@ def _time_generation(model: Any, ids: torch.Tensor, mask: torch.Tensor, device: 
     return prefill, float(np.median(steps)), peak
 
 
-def _measure_points(model: Any, shapes: list[tuple[int, int]], repeats: int, masked_always: bool,
+def _measure_points(model: Any, shapes: list[tuple[int, int]], masked_always: bool,
                     device: torch.device) -> list[dict[str, float]]:
     """Time generation's prefill and decode steps at each (batch, length); batches > 1 are
     left-padded by one token, so that the explicit-mask path of attention is measured too."""
@@ -184,7 +184,7 @@ def _measure_points(model: Any, shapes: list[tuple[int, int]], repeats: int, mas
             if batch > 1:
                 mask[0, 0] = 0
             # the faster of the repeats: a shared machine's passing load inflates one, rarely both
-            runs = [_time_generation(model, ids, mask, device) for _ in range(repeats)]
+            runs = [_time_generation(model, ids, mask, device) for _ in range(CALIBRATION_REPEATS)]
             prefill, step, peak = min(r[0] for r in runs), min(r[1] for r in runs), min(r[2] for r in runs)
             points.append({"batch": batch, "length": length, "masked": float(batch > 1 or masked_always),
                            "prefill_seconds": prefill, "decode_step_seconds": step, "peak_bytes": float(peak)})
@@ -206,11 +206,11 @@ def _long_shapes(calibrated: int, longest: int, limit: int) -> list[tuple[int, i
     return [(1, n) for n in [*lengths, top]]
 
 
-def _save(calibration: Calibration, path: Path) -> None:
+def _write_json(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = path.with_suffix(f".{os.getpid()}.tmp")
-    staging.write_text(json.dumps(asdict(calibration), indent=1))
-    staging.replace(path)  # atomic: concurrent runs calibrating at once each see a whole file
+    staging.write_text(json.dumps(data, indent=1))
+    staging.replace(path)  # atomic: concurrent runs writing at once each leave a whole file
 
 
 def calibrate(spec: Mapping[str, Any], longest: int = 0, limit: int = 0) -> Calibration:
@@ -228,11 +228,11 @@ def calibrate(spec: Mapping[str, Any], longest: int = 0, limit: int = 0) -> Cali
         log.warning("cost calibration: this run's prompts reach %d tokens; measuring %s once more at %s tokens "
                     "(cached in %s)", longest, spec["name"], ", ".join(str(n) for _, n in extra), path)
         model = load_model(spec)
-        points = cached.points + _measure_points(model.model, extra, CALIBRATION_REPEATS, _sliding(model.model.config), device)
+        points = cached.points + _measure_points(model.model, extra, _sliding(model.model.config), device)
         del model
         _trim()
         cached.__dict__.update(fit_costs(points, mask_bytes))
-        _save(cached, path)
+        _write_json(path, asdict(cached))
         return cached
     shapes = list(CALIBRATION_POINTS) + _long_shapes(max(n for _, n in CALIBRATION_POINTS), longest, limit)
     log.warning("cost calibration: %s on %s (%s, %d threads) is not calibrated yet; loading it once for %d "
@@ -250,9 +250,7 @@ def calibrate(spec: Mapping[str, Any], longest: int = 0, limit: int = 0) -> Cali
         model.model(input_ids=torch.tensor([[vocab // 3] * 64], device=device), logits_to_keep=1)  # warm-up, not measured
     _trim()
     weights = memory_now(device) - before  # resident once used (a cached copy is mapped lazily)
-    masked_always = _sliding(model.model.config)
-    points = _measure_points(model.model, list(CALIBRATION_POINTS), CALIBRATION_REPEATS, masked_always, device)
-    points += _measure_points(model.model, shapes[len(CALIBRATION_POINTS):], CALIBRATION_REPEATS, masked_always, device)
+    points = _measure_points(model.model, shapes, _sliding(model.model.config), device)
     del model
     _trim()
     calibration = Calibration(
@@ -260,7 +258,7 @@ def calibrate(spec: Mapping[str, Any], longest: int = 0, limit: int = 0) -> Cali
         load_seconds=load_seconds, weights_bytes=int(weights), load_peak_bytes=int(load_peak),
         **fit_costs(points, mask_bytes), load_average=os.getloadavg()[0],
     )
-    _save(calibration, path)
+    _write_json(path, asdict(calibration))
     return calibration
 
 
@@ -460,12 +458,8 @@ def price_bookkeeping(runs: list[dict[str, float]], steps: int) -> float | None:
 def _record_bookkeeping(device: torch.device, record: dict[str, Any]) -> None:
     """Keep a finished run's bookkeeping seconds for the next plans (the last BOOKKEEPING_HISTORY
     runs; two runs ending at the same instant may keep only one of their records)."""
-    path = _bookkeeping_path(device)
     runs = (_bookkeeping_runs(device) + [record])[-BOOKKEEPING_HISTORY:]
-    path.parent.mkdir(parents=True, exist_ok=True)
-    staging = path.with_suffix(f".{os.getpid()}.tmp")
-    staging.write_text(json.dumps({"runs": runs}, indent=1))
-    staging.replace(path)
+    _write_json(_bookkeeping_path(device), {"runs": runs})
 
 
 def estimate_run(
