@@ -24,7 +24,7 @@ from framework.conditions import BASELINE, Plan, comparisons, is_dosed
 from framework.generation import greedy_generate
 from framework.interfaces import Condition, ConfigError, HeadScores, LoadedModel, RunContext, Sample, Task
 from framework.models import load_model, model_info
-from framework.progress import Progress, labelled
+from framework.progress import Progress, labelled, weight
 from framework.registry import get_registry
 from framework.stat_choice import choose_stats
 from framework.statistics import benjamini_hochberg, holm, null_p_value
@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 def _evaluate(
     condition: str, model: LoadedModel, task: Task, samples: list[Sample], edit: AttentionEdit | None, batch_size: int
 ) -> tuple[list[str], np.ndarray]:
-    progress = Progress(len(samples), label=condition, work=sum(len(s.input_ids) for s in samples))
+    progress = Progress(len(samples), label=condition, work=sum(weight(s) for s in samples))
     outputs = greedy_generate(model, samples, task.max_new_tokens, edit, batch_size, progress.advance)
     outcomes = np.array([task.score(s, o) for s, o in zip(samples, outputs)])
     mlflow.log_metric(f"recall/{condition}", float(outcomes.mean()))
