@@ -4,7 +4,8 @@ computed with the key repeated per query head (``repeat_kv``, what it did before
 
 For each length, rows and mode, one call in a fresh subprocess on random tensors shaped like a
 real model's layer (default Llama-3.1-8B: 32 query heads, 8 KV heads, head_dim 128, float32 as
-on CPU; ``--model smollm2`` for 9/3/64). The extra memory is the growth of the process's peak
+on CPU; ``--model smollm2`` for 9/3/64; ``--dtype bfloat16`` for a GPU's inputs, which the capture
+casts to float32 one KV head at a time). The extra memory is the growth of the process's peak
 RSS over the call (VmHWM reset just before, inputs already allocated, glibc's mmap threshold
 fixed so that freed tensors leave at once). It is shown next to the rows' own probabilities,
 heads x rows x length x 4 bytes (what the capture returns), and divided per KV head: O(rows x
@@ -12,6 +13,7 @@ length) means that ratio stays flat as the length grows, while the repeated key 
 heads x length x head_dim x 4 bytes (1 GiB per layer at 64K for 8B's shape).
 
 Usage: python benchmarks/capture_memory.py [--lengths 8192 32768 65536] [--rows 1 64] [--model llama31_8b]
+       [--dtype float32]
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def _kib(field: str) -> int:
     return int(re.search(rf"{field}:\s+(\d+)", open("/proc/self/status").read()).group(1))
 
 
-def measure(mode: str, length: int, rows: int, model: str) -> dict[str, float]:
+def measure(mode: str, length: int, rows: int, model: str, dtype_name: str) -> dict[str, float]:
     import torch
     from transformers.integrations.sdpa_attention import repeat_kv
 
@@ -43,13 +45,14 @@ def measure(mode: str, length: int, rows: int, model: str) -> dict[str, float]:
     torch.set_grad_enabled(False)
     heads, kv_heads, head_dim = SHAPES[model]
     generator = torch.Generator().manual_seed(0)
-    query = torch.randn(1, heads, length, head_dim, generator=generator)
-    key = torch.randn(1, kv_heads, length, head_dim, generator=generator)
+    dtype = getattr(torch, dtype_name)
+    query = torch.randn(1, heads, length, head_dim, generator=generator).to(dtype)
+    key = torch.randn(1, kv_heads, length, head_dim, generator=generator).to(dtype)
     picked = torch.arange(length - rows, length)
 
     def repeated() -> torch.Tensor:  # the reference: key repeated per query head, then one matmul
-        full = repeat_kv(key, heads // kv_heads)
-        scores = torch.matmul(query[:, :, picked], full.transpose(-1, -2)) * head_dim**-0.5
+        full = repeat_kv(key, heads // kv_heads).float()
+        scores = torch.matmul(query[:, :, picked].float(), full.transpose(-1, -2)) * head_dim**-0.5
         causal = torch.arange(length)[None, :] > picked[:, None]
         return torch.softmax(scores.masked_fill(causal, float("-inf")), dim=-1)
 
@@ -70,14 +73,15 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 32768, 65536])
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 64])
     parser.add_argument("--model", choices=sorted(SHAPES), default="llama31_8b")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="the layer's query and key")
     parser.add_argument("--one", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure(args.one[0], int(args.one[1]), int(args.one[2]), args.model)))
+        print(json.dumps(measure(args.one[0], int(args.one[1]), int(args.one[2]), args.model, args.dtype)))
         return
     heads, kv_heads, head_dim = SHAPES[args.model]
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
-    print(f"{args.model}: {heads} query heads, {kv_heads} KV heads, head_dim {head_dim}, float32; one layer's capture")
+    print(f"{args.model}: {heads} query heads, {kv_heads} KV heads, head_dim {head_dim}, {args.dtype}; one layer's capture")
     print(f"{'tokens':>7} | {'rows':>4} | {'mode':8} | {'extra MiB':>9} | {'probs MiB':>9} | {'extra / probs':>13} | "
           f"{'extra per KV head / (rows x length) B':>38} | {'s':>5}")
     print("-" * 112)
@@ -85,8 +89,9 @@ def main() -> None:
         for rows in args.rows:
             probs_bytes = heads * rows * length * 4
             for mode in MODES:
-                out = subprocess.run([sys.executable, __file__, "--model", args.model, "--one", mode, str(length), str(rows)],
-                                     capture_output=True, text=True, env=env)
+                command = [sys.executable, __file__, "--model", args.model, "--dtype", args.dtype,
+                           "--one", mode, str(length), str(rows)]
+                out = subprocess.run(command, capture_output=True, text=True, env=env)
                 if out.returncode:
                     print(f"{length:>7} | {rows:>4} | {mode:8} | failed: {out.stderr.strip().splitlines()[-1:]}")
                     continue

@@ -158,9 +158,9 @@ def captured_rows_bytes(heads: int, rows: int, keys: int, batch: int = 1) -> int
 def capture_transient_bytes(arch: Architecture, rows: int, keys: int, batch: int = 1, dtype_bytes: int = BF16) -> int:
     """Peak extra memory of one layer's row capture: twice the returned rows (scores and
     softmax alive together; measured 2.0x by benchmarks/capture_memory.py) plus the float32
-    copies attention_probs makes of the query rows and, for a narrower model dtype, of the
-    layer's whole key (kv_heads x keys x head_dim x 4 bytes: O(length), not O(rows x length))."""
-    key_copy = batch * arch.kv_heads * keys * arch.head_dim * FP32 if dtype_bytes < FP32 else 0
+    copies attention_probs makes of the query rows and, for a narrower model dtype, of one KV
+    head's key at a time (keys x head_dim x 4 bytes: O(length), not O(rows x length))."""
+    key_copy = batch * keys * arch.head_dim * FP32 if dtype_bytes < FP32 else 0
     query_rows = batch * arch.heads * rows * arch.head_dim * FP32
     return 2 * captured_rows_bytes(arch.heads, rows, keys, batch) + key_copy + query_rows
 
@@ -224,14 +224,14 @@ def attention_bytes(arch: Architecture, tokens: int, batch: int = 1, dtype_bytes
     count. An explicit mask on the SDPA path adds its float copy (SDPA turns a boolean mask into
     an additive one) and the key and value repeated per query head (transformers enables SDPA's
     GQA only without a mask). Soft-capped models take the framework's manual path instead:
-    float32 scores for a chunk of query rows against every key (scores, capped, softmax), the
-    key upcast to float32, and the chunks' outputs before and after concatenation."""
+    float32 scores for a chunk of query rows against every key (scores, capped, softmax), one KV
+    head's key upcast to float32 at a time, and the chunks' outputs before and after concatenation."""
     query = batch * tokens * arch.heads * arch.head_dim * dtype_bytes
     key = batch * tokens * arch.kv_heads * arch.head_dim * dtype_bytes
     total = 4 * query + 2 * key
     if arch.softcap:
         chunk = min(MANUAL_ROW_CHUNK, tokens)
-        total += 3 * batch * arch.heads * chunk * tokens * FP32 + key * FP32 // dtype_bytes + 2 * query
+        total += 3 * batch * arch.heads * chunk * tokens * FP32 + key // arch.kv_heads * FP32 // dtype_bytes + 2 * query
     elif explicit_mask:
         repeated = 2 * batch * arch.heads * tokens * arch.head_dim * dtype_bytes if arch.heads != arch.kv_heads else 0
         total += batch * tokens * tokens * dtype_bytes + repeated

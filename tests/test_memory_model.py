@@ -13,6 +13,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import pytest
 import torch
 import yaml
+from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, MistralConfig, Olmo2Config, Qwen2Config
 
 from framework.attention import RowCapture, attention_probs, instrumented
@@ -113,6 +114,36 @@ def test_captured_rows_formula_matches_attention_probs_for_a_batch():
     probs = attention_probs(query, key, None, head_dim**-0.5, rows)
     assert probs.nbytes == memory_model.captured_rows_bytes(heads, len(rows), length, batch)
 
+
+
+class _CastShapes(TorchDispatchMode):
+    """Records the shape of every dtype cast (``aten._to_copy``) run inside the block."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._to_copy.default:
+            self.shapes.append(tuple(args[0].shape))
+        return func(*args, **(kwargs or {}))
+
+
+def test_bfloat16_rows_cast_the_key_one_kv_head_at_a_time():
+    batch, heads, kv_heads, length, head_dim = 2, 6, 3, 33, 8
+    generator = torch.Generator().manual_seed(5)
+    query = torch.randn(batch, heads, length, head_dim, generator=generator).to(torch.bfloat16)
+    key = torch.randn(batch, kv_heads, length, head_dim, generator=generator).to(torch.bfloat16)
+    rows = torch.tensor([0, 20, 32])
+    with _CastShapes() as casts:
+        probs = attention_probs(query, key, None, head_dim**-0.5, rows)
+    # the layer's key is never copied whole in float32: one cast per KV head
+    assert [shape for shape in casts.shapes if shape[-2:] == (length, head_dim)] == [(batch, length, head_dim)] * kv_heads
+    # independent reference: the key repeated per query head, all in float32, causal rows
+    full_key = key.float().repeat_interleave(heads // kv_heads, dim=1)
+    scores = query[:, :, rows].float() @ full_key.transpose(-1, -2) * head_dim**-0.5
+    scores = scores.masked_fill(torch.arange(length)[None, :] > rows[:, None], float("-inf"))
+    torch.testing.assert_close(probs, torch.softmax(scores, dim=-1))
 
 def test_hub_models_are_the_ones_configured():
     configured = {path.stem: yaml.safe_load(path.read_text())["hub_id"] for path in (ROOT / "conf" / "model").glob("*.yaml")}
