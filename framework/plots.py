@@ -48,16 +48,22 @@ def recall_by_dose(table: pd.DataFrame, dose: str) -> plt.Figure:
     return fig
 
 
-def recall_by_length_and_depth(table: pd.DataFrame, max_panels: int = 12) -> plt.Figure:
+def recall_by_length_and_depth(table: pd.DataFrame, max_panels: int = 12, columns: int = 4) -> plt.Figure:
     """Recall as a context length x needle depth heatmap, one panel per condition (Wu et al.'s
-    and the needle-in-a-haystack literature's figure); cells are means over the cell's samples."""
+    and the needle-in-a-haystack literature's figure); cells are means over the cell's samples.
+    Panels wrap after ``columns`` and share one colour bar, so a dose run's nine stay readable."""
     labels = list(dict.fromkeys(table["condition"]))[:max_panels]
-    fig, axes = plt.subplots(1, len(labels), figsize=(3.2 * len(labels) + 1.5, 3.6), squeeze=False)
-    for ax, label in zip(axes[0], labels):
+    width = min(columns, len(labels))
+    rows = -(-len(labels) // width)
+    fig, axes = plt.subplots(rows, width, figsize=(3.4 * width + 1.0, 3.2 * rows + 0.6), squeeze=False,
+                             layout="constrained")
+    for index, (ax, label) in enumerate(zip(axes.flat, labels)):
         grid = table[table["condition"] == label].pivot_table(index="context_length", columns="depth", values="correct")
-        sns.heatmap(grid, ax=ax, vmin=0, vmax=1, cmap="RdYlGn", annot=True, fmt=".2f", cbar=ax is axes[0][-1],
-                    cbar_kws={"label": "recall"})
-        ax.set(title=label, xlabel="needle depth", ylabel="context length (tokens)" if ax is axes[0][0] else "")
+        sns.heatmap(grid, ax=ax, vmin=0, vmax=1, cmap="RdYlGn", annot=True, fmt=".2f", cbar=False, annot_kws={"size": 8})
+        ax.set(title=label, xlabel="needle depth" if index >= len(labels) - width else "",
+               ylabel="context length (tokens)" if index % width == 0 else "")
+    for ax in axes.flat[len(labels):]:
+        ax.set_visible(False)
+    fig.colorbar(axes.flat[0].collections[0], ax=axes, label="recall", shrink=0.8)
     fig.suptitle("Recall by context length and needle depth")
-    fig.tight_layout()
     return fig
