@@ -51,9 +51,9 @@ def _setup(length: int) -> Callable[[str], None]:
     """A forward pass of the embedded model over a NIAH prompt of ``length`` tokens, per mode."""
     import torch
 
-    from framework.attention import AttentionEdit, RowCapture, instrumented
-    from framework.models import load_model
-    from framework.rope import lowest_frequency_dims
+    from framework.model.attention import AttentionEdit, RowCapture, instrumented
+    from framework.model.loading import load_model
+    from framework.model.rope import lowest_frequency_dims
     from plugins.tasks.niah import NIAH
 
     torch.set_grad_enabled(False)

@@ -1,5 +1,5 @@
 """Extra memory of capturing attention rows, per KV head, at long context: the framework's
-per-KV-group computation (:func:`framework.attention.attention_probs`) against the same rows
+per-KV-group computation (:func:`framework.model.attention.attention_probs`) against the same rows
 computed with the key repeated per query head (``repeat_kv``, what it did before).
 
 For each length, rows and mode, one call in a fresh subprocess on random tensors shaped like a
@@ -40,7 +40,7 @@ def measure(mode: str, length: int, rows: int, model: str, dtype_name: str) -> d
     import torch
     from transformers.integrations.sdpa_attention import repeat_kv
 
-    from framework.attention import attention_probs
+    from framework.model.attention import attention_probs
 
     torch.set_grad_enabled(False)
     heads, kv_heads, head_dim = SHAPES[model]

@@ -1,6 +1,6 @@
 """What measuring a run's cost costs, side by side in one process on the embedded model.
 
-(a) Forward passes with and without framework/cost.py's counting hook, taking turns pass by pass:
+(a) Forward passes with and without framework/planning/cost.py's counting hook, taking turns pass by pass:
     single-token passes (the cheapest pass a run makes: one decoding step) and 256-token prompts.
     Each mode keeps its median, so that the machine's drifts hit both alike.
 (b) Opening and closing an MLflow run (local SQLite store in a temporary directory) with MLflow's
@@ -22,8 +22,8 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from framework import cost
-from framework.models import load_model
+from framework.model.loading import load_model
+from framework.planning import cost
 
 CONF = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "conf")
 

@@ -22,8 +22,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from hydra import compose, initialize_config_dir  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from framework import hookimpl, models, pipeline  # noqa: E402
+from framework import hookimpl
+from framework.model.loading import load_model
 from framework.registry import get_registry  # noqa: E402
+from framework.runner import pipeline  # noqa: E402
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -50,16 +52,16 @@ def main(overrides: list[str]) -> None:
     with tempfile.TemporaryDirectory() as cache:
         os.environ["RETRIEVAL_HEADS_CACHE"] = cache
         start = time.perf_counter()
-        models.load_model(config["model"])
+        load_model(config["model"])
         uncached = time.perf_counter() - start
         start = time.perf_counter()
-        models.load_model(config["model"])
+        load_model(config["model"])
         cached = time.perf_counter() - start
     del os.environ["RETRIEVAL_HEADS_CACHE"]
 
     timer = ForwardTimer()
     get_registry().manager.register(timer, name="benchmark-forward-timer")
-    models.load_model(config["model"])  # make sure the default cache is warm, as on a second run
+    load_model(config["model"])  # make sure the default cache is warm, as on a second run
     with tempfile.TemporaryDirectory() as store:
         os.chdir(store)
         os.environ.pop("MLFLOW_TRACKING_URI", None)

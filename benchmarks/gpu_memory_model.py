@@ -6,7 +6,7 @@ whether it fits. The architectures are built from transformers config classes wi
 of each model's published ``config.json`` (written below; nothing is downloaded), the parameters
 are counted on torch's meta device (no memory), and the rest follows from the formulas in the
 small functions below (docs/long-context-memory.md writes them out). Lengths beyond a model's
-positions are marked as the planner treats them: ``framework.planner.check_context_lengths``
+positions are marked as the planner treats them: ``framework.planning.planner.check_context_lengths``
 refuses a context that leaves no room for the generated tokens.
 
 The peak of a prefill is weights + KV cache + the boolean masks the pass builds + the residual
@@ -38,9 +38,9 @@ from transformers import (
 )
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's framework, not an installed one
-from framework.attention import _ROW_CHUNK as MANUAL_ROW_CHUNK  # noqa: E402
 from framework.interfaces import ConfigError  # noqa: E402
-from framework.planner import check_context_lengths  # noqa: E402
+from framework.model.attention import _ROW_CHUNK as MANUAL_ROW_CHUNK  # noqa: E402
+from framework.planning.planner import check_context_lengths  # noqa: E402
 
 GIB = 2**30
 BF16 = 2  # bytes per element of the model's dtype on a GPU
@@ -149,7 +149,7 @@ def kv_cache_bytes(arch: Architecture, tokens: int, batch: int = 1, dtype_bytes:
 
 
 def captured_rows_bytes(heads: int, rows: int, keys: int, batch: int = 1) -> int:
-    """What :func:`framework.attention.attention_probs` returns for one layer: float32
+    """What :func:`framework.model.attention.attention_probs` returns for one layer: float32
     probabilities [batch, heads, rows, keys]. attn_mass captures the question and answer rows of
     its teacher-forced pass (``rows`` of them); retrieval_score one row per decode step."""
     return batch * heads * rows * keys * FP32
@@ -337,7 +337,7 @@ def print_tables(lengths: list[int], rows: int, gpu_gib: float, new_tokens: int)
           f"max(MLP, RMSNorm float32 copies, attn + capture) + one row of logits. padded: the same peak with an "
           f"explicit mask on every layer, as a padded batch has (per sequence). rows({rows}): attn_mass's captured probabilities per layer for {rows} "
           f"question/answer rows; capture: their transient; row/step: retrieval_score's per layer and decode step. "
-          f"planner: framework.planner.check_context_lengths with {new_tokens} new tokens.")
+          f"planner: framework.planning.planner.check_context_lengths with {new_tokens} new tokens.")
     print(f"\nAvoided by the framework / held by it (GiB): logits of every position (avoided: logits_to_keep=1), "
           f"one layer's key repeated per query head in float32 for a capture (avoided: per-KV-group capture), "
           f"and the utility detector's captured inputs held per detection sample ({rows} rows; not avoided)")

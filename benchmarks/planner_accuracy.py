@@ -45,7 +45,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         cwd = Path(folder)
         if args.recalibrate:
-            from framework.models import cache_root
+            from framework.model.loading import cache_root
 
             model = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("model=")), "smollm2_135m")
             for cached in (cache_root() / "cost").glob(f"{model}-*.json"):

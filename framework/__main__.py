@@ -1,7 +1,7 @@
 """Front door: ``python -m framework +detector=attn_mass +intervention=zero_lowfreq``.
 
 With ``--multirun`` every job becomes a child run of one parent run per sweep (see
-:mod:`framework.sweep`). Errors end in one ``error: ...`` line naming the plugin that raised and
+:mod:`framework.tracking.sweep`). Errors end in one ``error: ...`` line naming the plugin that raised and
 the MLflow run it ended, never in a bare traceback (``hydra.verbose=true`` logs the traceback).
 """
 
@@ -16,22 +16,22 @@ import hydra
 import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
-from framework import stopping
 from framework.interfaces import ConfigError, RunContext
+from framework.runner import stopping
 
 log = logging.getLogger("framework")
 
 
 def describe(error: Exception) -> str:
     """The user-facing account of a failed run: what went wrong, in which plugin, which run."""
-    from framework import tracking
+    from framework.tracking.runs import failed_run_id, failing_plugin
 
     if isinstance(error, ConfigError):
         message = str(error)
     else:
-        plugin = tracking.failing_plugin(error)
+        plugin = failing_plugin(error)
         message = f"run failed{f' in plugin {plugin}' if plugin else ''}: {type(error).__name__}: {error}"
-    run_id = tracking.failed_run_id(error)
+    run_id = failed_run_id(error)
     if run_id is not None:
         message += f"\n(run {run_id} is marked FAILED in MLflow; the traceback is in its error.txt artifact)"
     return message
@@ -60,7 +60,7 @@ def run_or_exit(run: Callable[[dict], dict[str, float]], cfg: DictConfig) -> dic
 
 def print_result(context: RunContext) -> None:
     """Recall per condition (random controls summarised), the p-values and any claim verdict."""
-    from framework.tracking import run_address  # where to see the run in the MLflow UI
+    from framework.tracking.experiments import run_address  # where to see the run in the MLflow UI
 
     if not context.run_id:  # dry_run: the plan was printed, no run was made
         return
@@ -77,7 +77,9 @@ def print_result(context: RunContext) -> None:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> None:
-    from framework import pipeline, sweep, tracking  # heavy imports after Hydra has parsed the command line
+    from framework.runner import pipeline
+    from framework.tracking import sweep  # heavy imports after Hydra has parsed the command line
+    from framework.tracking.runs import failed_run_id
 
     stopping.on_sigterm()  # again here: a parallel launcher runs this function in worker processes
     logging.getLogger("matplotlib").setLevel(logging.WARNING)  # its INFO lines about plot axes are noise in a run's log
@@ -103,13 +105,13 @@ def main(cfg: DictConfig) -> None:
     try:
         context = pipeline.run(config, job.sweep.parent_run_id, job.run_tags(config.get("run_name")))
     except KeyboardInterrupt as interrupt:  # Ctrl-C or SIGTERM: the sweep stops here
-        job.report("killed", tracking.failed_run_id(interrupt))
+        job.report("killed", failed_run_id(interrupt))
         raise
     except Exception as error:
         log.debug("run failed", exc_info=True)
         message = describe(error)
         print(f"error: {job.label}: {message}", file=sys.stderr)
-        job.report("failed", tracking.failed_run_id(error), message)
+        job.report("failed", failed_run_id(error), message)
         return
     job.report("finished", context.run_id)
     print_result(context)
@@ -118,7 +120,7 @@ def main(cfg: DictConfig) -> None:
 def cli() -> None:
     """``main``, plus the end of a sweep that stopped early: Ctrl-C or SIGTERM marks the open
     parent run KILLED (each job's run has marked itself), a launcher error marks it FAILED."""
-    from framework import sweep
+    from framework.tracking import sweep
 
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     stopping.on_sigterm()

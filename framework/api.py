@@ -6,23 +6,6 @@ is exactly the surface they use; names not listed in ``__all__`` are internal an
 See docs/writing-a-plugin.md for a walkthrough per plugin kind.
 """
 
-from framework.attention import (
-    MASK_MODES,
-    PHASES,
-    AttentionEdit,
-    AttentionInputs,
-    Head,
-    HeadEdit,
-    HeadMasking,
-    QueryScaling,
-    RowCapture,
-    attention_rows,
-    instrumented,
-    key_bias,
-    mean_head_outputs,
-    per_head,
-)
-from framework.heads import check_selection, layer_groups_by_type, random_heads_matched_per_layer, select_heads
 from framework.hookspecs import hookimpl
 from framework.interfaces import (
     SCORE_KINDS,
@@ -38,8 +21,36 @@ from framework.interfaces import (
     StatTest,
     Task,
 )
-from framework.models import load_model, prepare
-from framework.progress import Progress, track
+from framework.model.attention import (
+    MASK_MODES,
+    PHASES,
+    AttentionEdit,
+    AttentionInputs,
+    Head,
+    HeadEdit,
+    HeadMasking,
+    QueryScaling,
+    RowCapture,
+    attention_rows,
+    instrumented,
+    key_bias,
+    mean_head_outputs,
+    per_head,
+)
+from framework.model.heads import check_selection, layer_groups_by_type, random_heads_matched_per_layer, select_heads
+from framework.model.loading import load_model, prepare
+from framework.model.query_dims import QueryDimIntervention
+from framework.model.rope import (
+    check_dim_count,
+    check_raw_count,
+    first_raw_dims,
+    highest_frequency_dims,
+    last_raw_dims,
+    layer_inv_freq,
+    lowest_frequency_dims,
+    random_pair_dims,
+    random_raw_dims,
+)
 from framework.prompts import (
     PositionedTask,
     chat_frame,
@@ -52,19 +63,8 @@ from framework.prompts import (
     token_span,
     word_recall,
 )
-from framework.query_dims import QueryDimIntervention
 from framework.registry import create_plugin
-from framework.rope import (
-    check_dim_count,
-    check_raw_count,
-    first_raw_dims,
-    highest_frequency_dims,
-    last_raw_dims,
-    layer_inv_freq,
-    lowest_frequency_dims,
-    random_pair_dims,
-    random_raw_dims,
-)
+from framework.runner.progress import Progress, track
 from framework.statistics import cohens_d, cohens_dz, mcnemar_exact
 
 __all__ = [

@@ -13,7 +13,7 @@ from typing import Any, ClassVar, Literal
 
 import numpy as np
 
-from framework.attention import AttentionEdit, Head
+from framework.model.attention import AttentionEdit, Head
 
 Split = Literal["detect", "eval"]
 ScoreKind = Literal["binary", "continuous"]
@@ -83,6 +83,9 @@ class HeadScores:
     scores: np.ndarray  # [n_layers, n_heads]
     selected: list[Head]
     extra: dict[str, Any] = field(default_factory=dict)
+
+
+BASELINE = "baseline"  # the label of the unedited condition that every run evaluates first
 
 
 @dataclass

@@ -20,8 +20,8 @@ from omegaconf import OmegaConf
 
 from framework.interfaces import ConfigError
 from framework.registry import KINDS, get_registry
-from framework.stat_choice import AUTO
-from framework.tracking import flatten
+from framework.runner.stat_choice import AUTO
+from framework.tracking.runs import flatten
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
 
@@ -60,7 +60,7 @@ def describe_plugins() -> str:
         for name in names:
             entry = registry.entries[kind].get(name)
             if kind == "stats" and name == AUTO:
-                source = "framework: the tests listed for the task's score kind (framework/stat_choice.py)"
+                source = "framework: the tests listed for the task's score kind (framework/runner/stat_choice.py)"
             else:
                 source = entry.source if entry else "(no installed plugin registers this name)"
             lines.append(f"  {name}  from {source}")

@@ -11,7 +11,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import seaborn as sns  # noqa: E402
 
-from framework.attention import Head  # noqa: E402
+from framework.model.attention import Head  # noqa: E402
 
 
 def head_score_heatmap(scores: np.ndarray, selected: list[Head], title: str) -> plt.Figure:

@@ -13,10 +13,10 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from framework import attention, rope  # noqa: E402
-from framework.attention import AttentionEdit, RowCapture, instrumented  # noqa: E402
 from framework.interfaces import ConfigError  # noqa: E402
-from framework.models import prepare  # noqa: E402
+from framework.model import attention, rope  # noqa: E402
+from framework.model.attention import AttentionEdit, RowCapture, instrumented  # noqa: E402
+from framework.model.loading import prepare  # noqa: E402
 from framework.registry import get_registry  # noqa: E402
 from plugins.interventions.head_mask import HeadMask  # noqa: E402
 from plugins.interventions.zero_lowfreq import ZeroLowFreq  # noqa: E402

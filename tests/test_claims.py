@@ -10,11 +10,10 @@ import pandas as pd
 import pytest
 from scipy.stats import binomtest, spearmanr, ttest_1samp
 
-from framework.attention import AttentionEdit
 from framework.analysis.claims import causal_heads, check_claim, dims_grid, lowfreq_dose, norm_utility
 from framework.analysis.compare import theta_verdict
-from framework.interfaces import Condition
-from framework.interfaces import ConfigError, HeadScores, RunContext
+from framework.interfaces import Condition, ConfigError, HeadScores, RunContext
+from framework.model.attention import AttentionEdit
 from framework.statistics import holm
 
 N = 20

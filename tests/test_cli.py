@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from framework.rope import lowest_frequency_dims
+from framework.model.rope import lowest_frequency_dims
 
 SMALL_GRID = ["task.context_lengths=[256]", "task.depths=[0.2,0.8]", "task.samples_per_cell=2"]
 

@@ -7,11 +7,11 @@ from collections import Counter
 
 import numpy as np
 import pytest
-
 from conftest import tiny_llama
-from framework.conditions import Plan, comparisons
+
 from framework.interfaces import ConfigError, HeadScores
 from framework.registry import get_registry
+from framework.runner.conditions import Plan, comparisons
 
 # tiny_llama: 3 layers x 4 heads, head_dim 16
 SCORES = np.array([[0.9, 0.1, 0.2, 0.8], [0.3, 0.7, 0.05, 0.0], [0.6, 0.4, 0.5, 0.15]])

@@ -1,4 +1,4 @@
-"""A run's measured cost (framework/cost.py): forward passes and tokens counted by the hook against
+"""A run's measured cost (framework/planning/cost.py): forward passes and tokens counted by the hook against
 the calls made, steps kept apart, peak memory against the process's own RSS, and the metrics
 logged to the MLflow run also when the run fails."""
 
@@ -14,7 +14,7 @@ import torch
 from conftest import tiny_llama
 from mlflow import MlflowClient
 
-from framework import cost
+from framework.planning import cost
 
 
 def forward(model, batch: int, positions: int, embeds: bool = False) -> None:

@@ -10,12 +10,12 @@ import copy
 import numpy as np
 import pytest
 import torch
+from conftest import tiny_llama
 from transformers import MistralConfig, MistralForCausalLM
 
-from conftest import tiny_llama
-from framework.attention import RowCapture, attention_probs, attention_rows, instrumented, key_bias, mean_head_outputs
 from framework.interfaces import ConfigError, Sample, Task
-from framework.models import prepare
+from framework.model.attention import RowCapture, attention_probs, attention_rows, instrumented, key_bias, mean_head_outputs
+from framework.model.loading import prepare
 from framework.registry import get_registry
 from plugins.detectors.qnorm import QueryNorm
 from plugins.detectors.retrieval_score import RetrievalScore, copy_scores, greedy_top1, word_recall

@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 import pytest
-
 from conftest import tiny_llama
+
 from framework import plots
-from framework.conditions import Plan
 from framework.interfaces import ConfigError, HeadScores
 from framework.registry import get_registry
+from framework.runner.conditions import Plan
 
 DETECTED = HeadScores("hand", np.zeros((3, 4)), [(0, 0), (1, 2)])
 

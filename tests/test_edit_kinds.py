@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_attention import TINY, llama  # noqa: F401  (the same tiny Llama, and its fixture)
 
 from framework.api import (
     AttentionEdit,
@@ -16,7 +17,6 @@ from framework.api import (
     RowCapture,
     instrumented,
 )
-from test_attention import TINY, llama  # noqa: F401  (the same tiny Llama, and its fixture)
 
 
 def ids(n: int = 20) -> torch.Tensor:

@@ -10,14 +10,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 from scipy.stats import spearmanr
+from test_cli import only_run, run_cli
 
 from framework.analysis.claims import CLAIMS, check_claim
-from framework.conditions import Plan
-from framework import planner
-from framework.models import model_config, model_info
+from framework.model.loading import model_config, model_info
+from framework.model.rope import lowest_frequency_dims
+from framework.planning import planner
 from framework.registry import get_registry
-from framework.rope import lowest_frequency_dims
-from test_cli import only_run, run_cli
+from framework.runner.conditions import Plan
 
 EXPERIMENTS = sorted(p.stem for p in (Path(__file__).parent.parent / "conf" / "experiment").glob("*.yaml"))
 

@@ -15,12 +15,24 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import tiny_llama
-from framework_cli import (TINY_GRID, TrackingServer, all_runs, command, environment, free_port, local_store, run,
-                           run_until_signalled, run_watching, summary, sweep_runs)
+from framework_cli import (
+    TINY_GRID,
+    TrackingServer,
+    all_runs,
+    command,
+    environment,
+    free_port,
+    local_store,
+    run,
+    run_until_signalled,
+    run_watching,
+    summary,
+    sweep_runs,
+)
 from mlflow import MlflowClient
 from test_third_party import EXPLODING, IMPOSTOR, make_distribution
 
-from framework.models import cache_problem, cache_root
+from framework.model.loading import cache_problem, cache_root
 
 TOP5 = ["+detector=attn_mass", "detector.threshold=null", "detector.top_k=5"]
 
@@ -99,7 +111,7 @@ def test_a_context_longer_than_the_model_is_refused(tmp_path):
 def test_a_run_that_would_not_fit_in_memory_is_refused(tmp_path):
     """One padded batch of 2K-token prompts sized to need about 1.5x this machine's memory (at
     least 50 kB per prompt token in SmolLM2's pass; the planner measures ~130 kB)."""
-    from framework.planner import device_memory
+    from framework.planning.planner import device_memory
 
     batch = int(1.5 * device_memory(torch.device("cpu")) / (2048 * 50e3)) + 1
     result = run(tmp_path, f"batch_size={batch}", "task.context_lengths=[2048]", "task.depths=[0.5]",
@@ -147,11 +159,11 @@ def test_a_server_that_goes_away_mid_run_loses_nothing(tmp_path, embedded_model)
         assert code == 1, output[-3000:]
         [folder] = (work / "mlruns" / "pending").iterdir()
         assert f"error: the tracking server {server.url} did not take the run's results" in output
-        assert (f"they are kept in {folder}: upload them with `python -m framework.upload {folder}` "
+        assert (f"they are kept in {folder}: upload them with `python -m framework.tracking.upload {folder}` "
                 "once the server is back") in output
         assert "Traceback" not in output
 
-        still_down = run(work, str(folder), module="framework.upload")
+        still_down = run(work, str(folder), module="framework.tracking.upload")
         assert still_down.returncode == 1 and folder.is_dir()
         assert f"error: {folder}: " in still_down.stderr and "the folder is kept" in still_down.stderr
 
@@ -159,7 +171,7 @@ def test_a_server_that_goes_away_mid_run_loses_nothing(tmp_path, embedded_model)
         client = MlflowClient(server.url)
         [waiting] = all_runs(client)
         assert waiting.info.run_id == folder.name and waiting.info.status == "RUNNING"  # until its results arrive
-        uploaded = run(work, str(folder), module="framework.upload")
+        uploaded = run(work, str(folder), module="framework.tracking.upload")
         assert uploaded.returncode == 0, uploaded.stderr[-3000:]
         assert not folder.exists()
         [done] = all_runs(client)

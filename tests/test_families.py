@@ -21,12 +21,22 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 from transformers import (  # noqa: E402
-    Gemma2Config, Gemma2ForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM,
-    MistralConfig, MistralForCausalLM, Olmo2Config, Olmo2ForCausalLM, Qwen2Config, Qwen2ForCausalLM,
+    Gemma2Config,
+    Gemma2ForCausalLM,
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
 )
 
-from framework import attention, rope  # noqa: E402
-from framework.attention import AttentionEdit, RowCapture, instrumented, mean_head_outputs  # noqa: E402
+from framework.model import attention, rope  # noqa: E402
+from framework.model.attention import AttentionEdit, RowCapture, instrumented, mean_head_outputs  # noqa: E402
 
 SEQ, WINDOW, HEAD_DIM, N_HEADS, N_KV = 40, 8, 16, 4, 2
 COMMON = dict(
@@ -432,7 +442,7 @@ def test_retrieval_score_reads_absolute_positions_on_every_layer(name):
     """Wu et al.'s top-1 attended position per head at each greedy decode step, against the eager
     copy's attention rows over the whole sequence: equal on full and sliding-window layers alike
     (a sliding layer's cache holds only its window, so its rows are shorter than the sequence)."""
-    from framework.models import prepare
+    from framework.model.loading import prepare
     from plugins.detectors.retrieval_score import greedy_top1
 
     model, eager = build(name, fresh=True)

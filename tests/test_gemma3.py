@@ -11,7 +11,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from test_cli import only_run, run_cli
 
 pytestmark = [

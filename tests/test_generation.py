@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from framework.generation import greedy_generate, length_batches
+from framework.model.generation import greedy_generate, length_batches
 from plugins.tasks.niah import NIAH
 
 

@@ -7,8 +7,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from framework.heads import check_selection, layer_groups_by_type, random_heads_matched_per_layer, select_heads
 from framework.interfaces import ConfigError, ModelInfo
+from framework.model.heads import check_selection, layer_groups_by_type, random_heads_matched_per_layer, select_heads
 
 INFO = ModelInfo("m", "llama", n_layers=4, n_heads=6, n_kv_heads=2, head_dim=16, rope_theta=1e4)
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-
 from conftest import tiny_llama
+
 from framework.interfaces import ConfigError
 from framework.registry import get_registry
 

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from framework import planner
 from framework.interfaces import ConfigError, Sample
+from framework.planning import planner
 from plugins.tasks.niah import NIAH
 from plugins.tasks.passkey import Passkey
 

@@ -16,7 +16,7 @@ import yaml
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, MistralConfig, Olmo2Config, Qwen2Config
 
-from framework.attention import RowCapture, attention_probs, instrumented
+from framework.model.attention import RowCapture, attention_probs, instrumented
 
 ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("gpu_memory_model", ROOT / "benchmarks" / "gpu_memory_model.py")

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from framework import hookimpl, pipeline
+from framework import hookimpl
 from framework.registry import get_registry
+from framework.runner import pipeline
 
 
 class Observer:

@@ -44,7 +44,7 @@ def violations(path: Path) -> list[str]:
 def test_the_checker_finds_what_it_must_refuse(tmp_path):
     bad = ROOT / "plugins" / "tasks" / "_checker_probe.py"
     try:
-        bad.write_text("from framework.attention import _active\nfrom plugins.tasks.niah import _helper\n"
+        bad.write_text("from framework.model.attention import _active\nfrom plugins.tasks.niah import _helper\n"
                        "from framework.api import hookimpl\nimport plugins._private\n")
         found = violations(bad)
     finally:

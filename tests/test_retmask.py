@@ -9,17 +9,17 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import CONFIG_DIR, tiny_llama
+from framework_cli import environment, local_store
+from framework_cli import run as run_command
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import CONFIG_DIR, tiny_llama
-from framework.attention import AttentionEdit, instrumented
 from framework.interfaces import ConfigError, LoadedModel
+from framework.model.attention import AttentionEdit, instrumented
 from framework.registry import get_registry
 from framework.studies.retmask import contrast_pairs, preference_triples, run
 from framework.studies.training import dpo_loss, reference_logprobs, response_logprob, train_dpo
-from framework_cli import environment, local_store
-from framework_cli import run as run_command
 from plugins.tasks.passkey import Passkey
 
 TINY_COMMAND = ["task=passkey", "task.context_lengths=[128]", "task.depths=[0.3,0.7]", "task.samples_per_cell=1",

@@ -6,20 +6,20 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from conftest import CONFIG_DIR
+from framework_cli import environment, local_store, run
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from conftest import CONFIG_DIR
-from framework.attention import AttentionInputs, instrumented
 from framework.interfaces import ConfigError
-from framework.models import prepare
+from framework.model.attention import AttentionInputs, instrumented
+from framework.model.loading import prepare
+from framework.model.rope import model_inv_freq
 from framework.studies.positional import NoRotaryEmbedding, remove_rope, uses_rope
-from framework.rope import model_inv_freq
 from framework.studies.rope_vs_nope import VariantResult, check, pair_profile
 from framework.studies.synthetic_kv import KVTask, build_model, retrieval_accuracy, retrieval_loss
 from framework.studies.training import fit
-from framework_cli import environment, local_store, run
 
 TASK = KVTask(n_keys=16, n_values=4, pairs_per_sample=6, max_position=256)
 SIZE = dict(hidden_size=32, n_layers=2, n_heads=2, head_dim=16, intermediate_size=64, rope_theta=10000.0)

@@ -9,7 +9,7 @@ from scipy.stats import wilcoxon
 
 from framework.interfaces import ConfigError, Task
 from framework.registry import get_registry
-from framework.stat_choice import choose_stats
+from framework.runner.stat_choice import choose_stats
 
 
 class Recall(Task):

@@ -12,7 +12,6 @@ from scipy.stats import t as t_dist
 
 from framework.registry import get_registry
 from framework.statistics import benjamini_hochberg, holm, null_p_value
-
 from plugins.stats.mcnemar import McNemar
 from plugins.stats.permutation import PairedPermutation
 

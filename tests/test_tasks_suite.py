@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from framework.generation import greedy_generate
 from framework.interfaces import ConfigError
+from framework.model.generation import greedy_generate
 from framework.registry import get_registry
 from plugins.tasks.closed_book import ClosedBook
 from plugins.tasks.kv_retrieval import KVRetrieval

@@ -9,8 +9,8 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
-from framework import dataset_inputs, tracking
 from framework.interfaces import Sample
+from framework.tracking import dataset_inputs, experiments, runs
 
 CONFIG = {"model": {"name": "smollm2_135m"}, "task": {"name": "niah", "context_lengths": [256]},
           "detector": {"name": "attn_mass", "top_k": 5}, "intervention": {"name": "head_mask"},
@@ -18,56 +18,56 @@ CONFIG = {"model": {"name": "smollm2_135m"}, "task": {"name": "niah", "context_l
 
 
 def test_run_names_say_what_ran_and_differ_with_the_config():
-    name = tracking.run_label(CONFIG, "smollm2_135m")
-    assert name == f"smollm2_135m-attn_mass-head_mask-niah-seed0-{tracking.config_hash(CONFIG)[:6]}"
-    assert tracking.run_label(dict(CONFIG), "smollm2_135m") == name  # a re-run of one config
-    assert tracking.run_label({**CONFIG, "batch_size": 4}, "smollm2_135m") != name  # differs outside the name
+    name = runs.run_label(CONFIG, "smollm2_135m")
+    assert name == f"smollm2_135m-attn_mass-head_mask-niah-seed0-{runs.config_hash(CONFIG)[:6]}"
+    assert runs.run_label(dict(CONFIG), "smollm2_135m") == name  # a re-run of one config
+    assert runs.run_label({**CONFIG, "batch_size": 4}, "smollm2_135m") != name  # differs outside the name
     baseline = {k: v for k, v in CONFIG.items() if k not in ("detector", "intervention")}
-    assert tracking.run_label(baseline, "smollm2_135m").startswith("smollm2_135m-niah-seed0-")
+    assert runs.run_label(baseline, "smollm2_135m").startswith("smollm2_135m-niah-seed0-")
 
 
 @pytest.fixture
 def store(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    tracking.configure()
+    experiments.configure()
     return MlflowClient()
 
 
 def saved_view(client: MlflowClient, experiment: str) -> dict:
-    view = json.loads(client.get_experiment(experiment).tags[f"mlflow.sharedViewState.{tracking.RUNS_VIEW}"])
+    view = json.loads(client.get_experiment(experiment).tags[f"mlflow.sharedViewState.{experiments.RUNS_VIEW}"])
     return {**view, "state": json.loads(view["state"])}
 
 
 def test_experiments_open_on_the_runs_table_in_the_saved_view(store):
-    created = tracking.experiment_id("fresh")
+    created = experiments.experiment_id("fresh")
     assert store.get_experiment(created).tags["mlflow.experimentKind"] == "custom_model_development"
     view = saved_view(store, created)
-    assert view["name"] == tracking.RUNS_VIEW and view["state"]["selectedColumns"] == tracking.RUNS_VIEW_COLUMNS
-    assert "metrics.`recall/treatment`" in tracking.RUNS_VIEW_COLUMNS
+    assert view["name"] == experiments.RUNS_VIEW and view["state"]["selectedColumns"] == experiments.RUNS_VIEW_COLUMNS
+    assert "metrics.`recall/treatment`" in experiments.RUNS_VIEW_COLUMNS
 
     older = store.create_experiment("made before")  # without the tags: they are added on next use
-    assert tracking.experiment_id("made before") == older
-    assert saved_view(store, older)["state"]["selectedColumns"] == tracking.RUNS_VIEW_COLUMNS
+    assert experiments.experiment_id("made before") == older
+    assert saved_view(store, older)["state"]["selectedColumns"] == experiments.RUNS_VIEW_COLUMNS
 
     changed = {**saved_view(store, older), "state": json.dumps({"selectedColumns": ["attributes.`Dataset`"]})}
-    store.set_experiment_tag(older, f"mlflow.sharedViewState.{tracking.RUNS_VIEW}", json.dumps(changed))
-    tracking.experiment_id("made before")
+    store.set_experiment_tag(older, f"mlflow.sharedViewState.{experiments.RUNS_VIEW}", json.dumps(changed))
+    experiments.experiment_id("made before")
     assert saved_view(store, older)["state"]["selectedColumns"] == ["attributes.`Dataset`"]  # the user's view kept
 
 
 def test_printed_addresses(store, monkeypatch):
-    experiment = tracking.experiment_id("retrieval-heads")
+    experiment = experiments.experiment_id("retrieval-heads")
     with mlflow.start_run(experiment_id=experiment) as run:
         pass
     run_id, uri = run.info.run_id, mlflow.get_tracking_uri()
-    local = tracking.run_address(run_id).splitlines()
+    local = experiments.run_address(run_id).splitlines()
     assert local[0] == f"run page: http://127.0.0.1:5000/#/experiments/{experiment}/runs/{run_id}?workflowType=machine_learning"
     assert local[1] == (f"  after `mlflow ui --backend-store-uri {uri}`; runs table: http://127.0.0.1:5000/#/experiments/"
                         f"{experiment}/runs?workflowType=machine_learning&viewStateShareKey=retrieval-heads")
     # the address a server gets: its URL, nothing to start (the run is read through the local store)
     monkeypatch.setattr(mlflow, "get_tracking_uri", lambda: "http://mlflow.example.org:5000/")
     monkeypatch.setattr(mlflow, "get_run", lambda _: run)
-    assert tracking.run_address(run_id).splitlines()[0] == (
+    assert experiments.run_address(run_id).splitlines()[0] == (
         f"run page: http://mlflow.example.org:5000/#/experiments/{experiment}/runs/{run_id}?workflowType=machine_learning")
 
 
@@ -77,7 +77,7 @@ def sample(i: int, ids: list[int], depth: float) -> Sample:
 
 
 def logged_inputs(samples: list[Sample]) -> list:
-    with mlflow.start_run(experiment_id=tracking.experiment_id("retrieval-heads")) as run:
+    with mlflow.start_run(experiment_id=experiments.experiment_id("retrieval-heads")) as run:
         dataset_inputs.log_samples(samples, CONFIG["task"], "eval", 0)
         dataset_inputs.log_samples(samples[:1], CONFIG["task"], "detect", 1)
     return MlflowClient().get_run(run.info.run_id).inputs.dataset_inputs

@@ -15,9 +15,8 @@ import numpy as np
 import pandas as pd
 from scipy.stats import spearmanr, ttest_1samp
 
-from framework.conditions import BASELINE
-from framework.interfaces import ConfigError, RunContext
 from framework import plots
+from framework.interfaces import BASELINE, ConfigError, RunContext
 from framework.plots import plt, sns
 from framework.statistics import cohens_dz, holm, mcnemar_exact, null_p_value, rowwise_spearman
 

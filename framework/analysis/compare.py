@@ -26,7 +26,7 @@ import seaborn as sns  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 from scipy.stats import bootstrap, spearmanr  # noqa: E402
 
-from framework import tracking  # noqa: E402
+from framework.tracking import experiments  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -169,12 +169,12 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
-    tracking.configure()
+    experiments.configure()
     table = collect(MlflowClient(), args.experiment, args.filter)
     if table.empty:
         raise SystemExit("error: no finished runs match; check --experiment and --filter")
     plots = figures(table)
-    with mlflow.start_run(experiment_id=tracking.experiment_id(args.log_to), run_name="compare") as run:
+    with mlflow.start_run(experiment_id=experiments.experiment_id(args.log_to), run_name="compare") as run:
         mlflow.set_tags({"kind": "comparison", "compared_experiments": ",".join(args.experiment), "filter": args.filter})
         mlflow.log_metric("runs_compared", len(table))
         verdicts = theta_verdict(table)

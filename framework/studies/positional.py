@@ -7,7 +7,7 @@ returns cos = 1 and sin = 0: ``q * cos + rotate_half(q) * sin`` is then ``q`` ex
 every position. Nothing else changes (no parameters are added or removed), so a NoPE model and
 its RoPE twin built from the same seed start from identical weights, and every detector and
 intervention of the framework runs on it unchanged. The module keeps the ``inv_freq`` buffer of
-the embedding it replaces: it has no effect on the computation, but :mod:`framework.rope` still
+the embedding it replaces: it has no effect on the computation, but :mod:`framework.model.rope` still
 names each query dimension by the RoPE pair it would belong to, so the two twins' dimensions
 are compared pair by pair.
 """

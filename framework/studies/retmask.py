@@ -29,13 +29,14 @@ import numpy as np
 import pandas as pd
 from omegaconf import DictConfig
 
-from framework import tracking, validation
-from framework.attention import AttentionEdit
-from framework.generation import greedy_generate
 from framework.interfaces import ConfigError, LoadedModel, Sample, Task
-from framework.models import load_model, model_info
+from framework.model.attention import AttentionEdit
+from framework.model.generation import greedy_generate
+from framework.model.loading import load_model, model_info
 from framework.registry import get_registry
+from framework.runner import validation
 from framework.studies.training import UPDATES, Triple, train_dpo
+from framework.tracking.runs import tracked_run
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +129,7 @@ def run(config: Mapping[str, Any]) -> dict[str, float]:
     batch_size, task = config["batch_size"], tasks["retrieval"]
     metrics: dict[str, float] = {}
 
-    with tracking.tracked_run(config, info, config["experiment"], config.get("run_name"), tags={"kind": "retmask"}):
+    with tracked_run(config, info, config["experiment"], config.get("run_name"), tags={"kind": "retmask"}):
         mlflow.set_tags({"task": task.name, "control_task": tasks["control"].name, "detector": detector.name,
                          "intervention": intervention.name})
         model = load_model(config["model"])

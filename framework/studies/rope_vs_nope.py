@@ -36,15 +36,15 @@ import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import DictConfig  # noqa: E402
 
-from framework import tracking  # noqa: E402
-from framework.attention import AttentionEdit, Head  # noqa: E402
 from framework.interfaces import ConfigError, LoadedModel  # noqa: E402
-from framework.models import info_from_config, prepare, resolve_device  # noqa: E402
+from framework.model.attention import AttentionEdit, Head  # noqa: E402
+from framework.model.loading import info_from_config, prepare, resolve_device  # noqa: E402
+from framework.model.rope import highest_frequency_dims, lowest_frequency_dims  # noqa: E402
 from framework.registry import get_registry  # noqa: E402
-from framework.rope import highest_frequency_dims, lowest_frequency_dims  # noqa: E402
-from framework.validation import check_device  # noqa: E402
+from framework.runner.validation import check_device  # noqa: E402
 from framework.studies.synthetic_kv import KVTask, build_model, retrieval_accuracy, retrieval_loss  # noqa: E402
 from framework.studies.training import fit  # noqa: E402
+from framework.tracking.runs import tracked_run  # noqa: E402
 from plugins.detectors.qnorm import query_row_norms  # noqa: E402
 
 log = logging.getLogger(__name__)
@@ -217,7 +217,7 @@ def run(config: Mapping[str, Any]) -> dict[str, float]:
     task = check(config)
     device = resolve_device(config.get("device", "auto"))
     info = info_from_config("kv_llama", build_model(task, rope=True, seed=config["seed"], **config["model"]).config)
-    with tracking.tracked_run(config, info, config["experiment"], config.get("run_name"),
+    with tracked_run(config, info, config["experiment"], config.get("run_name"),
                               tags={"kind": "rope_vs_nope", "task": "synthetic_kv"}):
         results = {}
         for variant in VARIANTS:

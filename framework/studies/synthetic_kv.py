@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from framework.attention import AttentionEdit, instrumented
 from framework.interfaces import ConfigError, Sample
+from framework.model.attention import AttentionEdit, instrumented
 from framework.studies.positional import remove_rope
 
 

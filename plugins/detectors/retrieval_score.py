@@ -2,7 +2,7 @@
 
 Each detection sample is one needle trial, decoded greedily with the KV cache. At every decode
 step each head's top-1 attended position is read from the pass that produces the token (one
-query row per step, :class:`framework.attention.RowCapture` with ``phase="decode"``); the head
+query row per step, :class:`framework.model.attention.RowCapture` with ``phase="decode"``); the head
 copies when that position lies inside the span and holds the token just generated. As in Wu et
 al.'s ``Retrieval_Head`` code, the prompt's last token is fed as the first decode step, so every
 generated token is scored, and a trial counts only when its answer recall is high enough

@@ -10,7 +10,7 @@ each sample's prompt plus its gold answer (teacher forced), with the query rows 
 ``query_start`` on (``rows: all`` takes every row).
 
 Each sample runs through the model once: every layer's post-RoPE query, key, value, mask and
-scaling are captured (:class:`framework.attention.AttentionInputs`), the samples are padded into
+scaling are captured (:class:`framework.model.attention.AttentionInputs`), the samples are padded into
 one batch per layer and u is fitted on those tensors alone, all heads of a layer in one batched
 problem (their losses are independent, so summing them fits each head on its own). u starts at
 1, where the reconstruction term is exactly 0, and is fitted by full-batch Adam projected onto

@@ -28,13 +28,13 @@ from __future__ import annotations
 import numpy as np
 
 from framework.api import (
+    MASK_MODES,
+    PHASES,
     AttentionEdit,
     ConfigError,
     Head,
     Intervention,
     LoadedModel,
-    MASK_MODES,
-    PHASES,
     hookimpl,
     layer_groups_by_type,
     mean_head_outputs,

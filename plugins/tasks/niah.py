@@ -17,8 +17,18 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from framework.api import (ConfigError, Sample, Split, Task, chat_frame, hookimpl, read_haystack, read_needles, token_span,
-                           word_recall)
+from framework.api import (
+    ConfigError,
+    Sample,
+    Split,
+    Task,
+    chat_frame,
+    hookimpl,
+    read_haystack,
+    read_needles,
+    token_span,
+    word_recall,
+)
 
 _NOISE = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again."
 _SUBJECTS = ["The old miller", "A quiet river", "The village baker", "Every autumn wind", "The tall lighthouse",

@@ -1,6 +1,6 @@
 """What a run actually cost, logged to its MLflow run when it ends (a failed run's too).
 
-:func:`measured` wraps every tracked run (:func:`framework.tracking.tracked_run`); the pipeline
+:func:`measured` wraps every tracked run (:func:`framework.tracking.runs.tracked_run`); the pipeline
 names its steps with :func:`step` and hands over the loaded model with :func:`watch`, whose
 forward pre-hook counts every forward pass through the top-level model (greedy decoding, detection,
 interventions alike) and the token positions each one computes.

@@ -27,12 +27,11 @@ from typing import Any, Mapping, get_args, get_type_hints
 
 import numpy as np
 
-from framework.attention import Head
-from framework.heads import select_heads
-from framework.interfaces import Condition, ConfigError, HeadScores, Intervention, LoadedModel, ModelInfo, Sample
+from framework.interfaces import BASELINE, Condition, ConfigError, HeadScores, Intervention, LoadedModel, ModelInfo, Sample
+from framework.model.attention import Head
+from framework.model.heads import select_heads
 from framework.registry import Registry
 
-BASELINE = "baseline"
 HEADS = "heads"  # the dose parameter that counts heads rather than setting an intervention parameter
 
 

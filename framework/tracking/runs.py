@@ -1,7 +1,5 @@
-"""MLflow tracking: the store, one run per composed job, and failure handling.
-
-Without ``MLFLOW_TRACKING_URI`` runs go to a local SQLite store under ``mlruns/`` with artifacts
-in ``mlruns/artifacts``; a team sets ``MLFLOW_TRACKING_URI`` to its ``mlflow server`` instead.
+"""One MLflow run per composed job: its config, params and model tags up front, and its end
+(FINISHED, or FAILED / KILLED with the error and the plugin that raised it).
 """
 
 from __future__ import annotations
@@ -9,101 +7,25 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
-import time
 import traceback
 from contextlib import contextmanager, suppress
 from importlib.metadata import entry_points
-from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import mlflow
 from mlflow.entities import RunStatus
 
-from framework import cost, hookspecs, stores
+from framework import hookspecs
 from framework.interfaces import ModelInfo
+from framework.planning import cost
 from framework.registry import get_registry
+from framework.tracking import stores
+from framework.tracking.experiments import configure, experiment_id, system_metrics
 
 log = logging.getLogger(__name__)
 
-STORE_DIR = Path("mlruns")
 _MAX_PARAM_LENGTH = 6000
 _PARAMS_PER_CALL = 100
-
-# MLflow 3.17's UI opens an experiment on its GenAI overview unless the address says
-# workflowType=machine_learning (else the browser's last choice of the "GenAI / Model training"
-# switch decides); the kind tag is what the UI reads when that switch is off.
-_UI_QUERY = "workflowType=machine_learning"
-_EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
-# A saved view of the runs table (MLflow keeps saved views as experiment tags, listed under
-# "Views"): the columns a researcher compares, in this order, opened by the addresses printed.
-RUNS_VIEW = "retrieval-heads"
-RUNS_VIEW_COLUMNS = [
-    "attributes.`Dataset`",
-    *(f"metrics.`{metric}`" for metric in ("recall/baseline", "recall/treatment", "recall/control",
-                                           "permutation/treatment_vs_control/p_value", "heads/selected")),
-    "tags.`model.family`",
-    "metrics.`cost/wall_time_s`",
-    "metrics.`cost/peak_rss_mb`",
-]
-_RUNS_VIEW_STATE = {"selectedColumns": RUNS_VIEW_COLUMNS, "columnOrder": ["attributes.`Run Name`", *RUNS_VIEW_COLUMNS],
-                    "columnWidths": {"attributes.`Run Name`": 420, "attributes.`Dataset`": 240}}
-
-
-def local_tracking_uri(store_dir: Path = STORE_DIR) -> str:
-    return f"sqlite:///{(store_dir / 'mlflow.db').resolve()}"
-
-
-def configure() -> str:
-    """Point MLflow at ``MLFLOW_TRACKING_URI`` if set, else at the local store; return the URI.
-    The store is checked first (:func:`framework.stores.check`)."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or local_tracking_uri()
-    stores.check(uri)
-    mlflow.set_tracking_uri(uri)
-    return uri
-
-
-def experiment_id(name: str) -> str:
-    """The experiment's id, created on first use (artifacts under mlruns/artifacts when local)."""
-    existing = mlflow.get_experiment_by_name(name)
-    if existing is not None:
-        for key, value in _experiment_tags(existing.tags).items():  # experiments made before these tags
-            mlflow.MlflowClient().set_experiment_tag(existing.experiment_id, key, value)
-        return existing.experiment_id
-    artifact_location = None
-    if mlflow.get_tracking_uri() == local_tracking_uri():  # a server decides its own artifact root
-        artifact_location = (STORE_DIR / "artifacts").resolve().as_uri()
-    try:
-        return mlflow.create_experiment(name, artifact_location=artifact_location, tags=_experiment_tags({}))
-    except mlflow.exceptions.MlflowException:  # created concurrently by another job
-        return mlflow.get_experiment_by_name(name).experiment_id
-
-
-def _experiment_tags(existing: Mapping[str, str]) -> dict[str, str]:
-    """The tags that make the UI open the experiment on the runs table with its saved view, less
-    those already set (a view the user has changed and saved is kept)."""
-    now = int(time.time() * 1000)
-    view = {"name": RUNS_VIEW, "createdAt": now, "updatedAt": now,
-            "state": json.dumps(_RUNS_VIEW_STATE)}
-    wanted = {**_EXPERIMENT_KIND, f"mlflow.sharedViewState.{RUNS_VIEW}": json.dumps(view)}
-    return {key: value for key, value in wanted.items() if key not in existing}
-
-
-def run_address(run_id: str) -> str:
-    """Where to see a run and its experiment's runs table: URLs on a tracking server; for a local
-    store, the same pages on 127.0.0.1:5000 once ``mlflow ui`` (the command given) is up."""
-    uri = mlflow.get_tracking_uri()
-    experiment = mlflow.get_run(run_id).info.experiment_id
-    remote = uri.startswith(("http://", "https://"))
-    server = uri.rstrip("/") if remote else "http://127.0.0.1:5000"
-    how = "" if remote else f"after `mlflow ui --backend-store-uri {uri}`; "
-    return (f"run page: {server}/#/experiments/{experiment}/runs/{run_id}?{_UI_QUERY}\n"
-            f"  {how}runs table: {server}/#{runs_page(experiment)}")
-
-
-def runs_page(experiment: str) -> str:
-    """The UI page (after ``#``) of an experiment's runs table in the project's saved view."""
-    return f"/experiments/{experiment}/runs?{_UI_QUERY}&viewStateShareKey={RUNS_VIEW}"
 
 
 def flatten(config: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -178,21 +100,15 @@ def tracked_run(
     An exception ends the run FAILED (Ctrl-C, SIGTERM: KILLED) with the error (and the plugin
     that raised it) logged as tags and an artifact; everything logged before it stays. Against a
     tracking server, the run's results go to the server through a local folder
-    (:func:`framework.upload.kept_locally`), so a server that goes away mid-run loses nothing.
+    (:func:`framework.tracking.upload.kept_locally`), so a server that goes away mid-run loses nothing.
     """
-    from framework.upload import kept_locally  # it builds on this module
+    from framework.tracking.upload import kept_locally  # it builds on this module
 
     uri = configure()
     opened = kept_locally if stores.is_server(uri) else _local_run
     name = run_name or (tags or {}).get("mlflow.runName") or run_label(config, info.name)
     with opened(uri, experiment, name, parent_run_id, {"config_hash": config_hash(config), **(tags or {})}) as run:
         yield from _logged(run, config, info)
-
-
-def system_metrics() -> bool | None:
-    """``log_system_metrics`` for a run: CPU, memory (and GPU with nvidia-ml-py) every 10 s,
-    unless ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING`` says otherwise."""
-    return None if "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING" in os.environ else True
 
 
 @contextmanager

@@ -7,8 +7,8 @@ from collections import Counter
 
 import numpy as np
 
-from framework.attention import Head
 from framework.interfaces import ConfigError, ModelInfo
+from framework.model.attention import Head
 
 
 def check_selection(threshold: float | None, top_k: int | None, info: ModelInfo) -> None:

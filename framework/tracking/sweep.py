@@ -14,9 +14,9 @@ says ``+redo=true``.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
-import itertools
 import os
 import sys
 import uuid
@@ -91,12 +91,13 @@ class Job:
         """The id of a FINISHED child run of this sweep with the same resolved config, if any."""
         from mlflow import MlflowClient
 
-        from framework import tracking
+        from framework.tracking.experiments import experiment_id
+        from framework.tracking.runs import config_hash
 
         runs = MlflowClient(self.sweep.tracking_uri).search_runs(
-            [tracking.experiment_id(config["experiment"])],
+            [experiment_id(config["experiment"])],
             f"tags.`mlflow.parentRunId` = '{self.sweep.parent_run_id}' "
-            f"and tags.config_hash = '{tracking.config_hash(config)}' and attributes.status = 'FINISHED'",
+            f"and tags.config_hash = '{config_hash(config)}' and attributes.status = 'FINISHED'",
             max_results=1,
         )
         return runs[0].info.run_id if runs else None
@@ -147,16 +148,16 @@ _opened: tuple[Path, Sweep, list[str]] | None = None  # the sweep this (launchin
 def _open(config: DictConfig) -> None:
     from mlflow import MlflowClient
 
-    from framework import tracking
+    from framework.tracking import experiments, runs
 
     global _opened
     overrides = [o for o in config.hydra.overrides.task if _key(o) != REDO]
     parser = OverridesParser.create(GlobalHydra.instance().config_loader())  # which expands glob(...) sweeps
     parsed = [o for o in parser.parse_overrides(overrides) if o.is_sweep_override()]
-    key = tracking.config_hash({"experiment": config.experiment, "overrides": sorted(overrides)})
-    uri = tracking.configure()
+    key = runs.config_hash({"experiment": config.experiment, "overrides": sorted(overrides)})
+    uri = experiments.configure()
     client = MlflowClient(uri)
-    experiment = tracking.experiment_id(config.experiment)
+    experiment = experiments.experiment_id(config.experiment)
     previous = client.search_runs([experiment], f"tags.`sweep.key` = '{key}'", max_results=1)
     if previous:
         parent = previous[0].info.run_id

@@ -17,7 +17,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from typing import Iterable, Iterator, Sized, TypeVar
 
-log = logging.getLogger("framework.progress")
+log = logging.getLogger("framework.runner.progress")
 T = TypeVar("T")
 _label: ContextVar[str] = ContextVar("retrieval_heads_progress_label", default="detection")
 

@@ -78,7 +78,7 @@ def _check_writable(uri: str) -> None:
 def _empty_store() -> Path:
     """An empty SQLite store with MLflow's schema, made once per MLflow version in the cache:
     creating the schema takes seconds, copying it does not."""
-    from framework.models import cache_root
+    from framework.model.loading import cache_root
 
     template = cache_root() / f"empty-mlflow-{mlflow.__version__}.db"
     if not template.exists():

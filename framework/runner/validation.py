@@ -13,7 +13,7 @@ from typing import Any, Mapping
 import torch
 
 from framework.interfaces import ConfigError
-from framework.models import _DTYPES as TORCH_DTYPES
+from framework.model.loading import DTYPES as TORCH_DTYPES
 
 _DTYPES = ("auto", *TORCH_DTYPES)
 

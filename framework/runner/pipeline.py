@@ -1,5 +1,5 @@
 """One composed run: load model -> samples -> baseline -> detect -> intervene + control -> tests
--> claim verdict (the conditions a run evaluates are planned in :mod:`framework.conditions`).
+-> claim verdict (the conditions a run evaluates are planned in :mod:`framework.runner.conditions`).
 
 Paired design: every condition generates on exactly the same evaluation samples; detection uses
 samples drawn with a different seed. Everything is logged to one MLflow run as it finishes, so a
@@ -16,18 +16,21 @@ from typing import Any, Iterator, Mapping
 import mlflow
 import numpy as np
 import pandas as pd
-from scipy.stats import spearmanr
 
-from framework import cost, dataset_inputs, lengths, planner, plots, tracking, validation
-from framework.attention import AttentionEdit
-from framework.conditions import BASELINE, Plan, comparisons, is_dosed
-from framework.generation import greedy_generate
-from framework.interfaces import Condition, ConfigError, HeadScores, LoadedModel, RunContext, Sample, Task
-from framework.models import load_model, model_info
-from framework.progress import Progress, labelled, weight
+from framework import plots
+from framework.interfaces import BASELINE, Condition, ConfigError, LoadedModel, RunContext, Sample, Task
+from framework.model.attention import AttentionEdit
+from framework.model.generation import greedy_generate
+from framework.model.loading import load_model, model_info
+from framework.planning import cost, planner
 from framework.registry import get_registry
-from framework.stat_choice import choose_stats
+from framework.runner import detection, validation
+from framework.runner.conditions import Plan, comparisons, is_dosed
+from framework.runner.progress import Progress, labelled, weight
+from framework.runner.stat_choice import choose_stats
 from framework.statistics import benjamini_hochberg, holm, null_p_value
+from framework.tracking import dataset_inputs
+from framework.tracking.runs import tracked_run
 
 log = logging.getLogger(__name__)
 
@@ -41,44 +44,6 @@ def _evaluate(
     mlflow.log_metric(f"recall/{condition}", float(outcomes.mean()))
     log.info("[%s] recall %.3f", condition, outcomes.mean())
     return outputs, outcomes
-
-
-def _log_head_scores(result: HeadScores, prefix: str) -> None:
-    mlflow.log_dict({"shape": list(result.scores.shape), "scores": result.scores.tolist()}, f"{prefix}/scores.json")
-    mlflow.log_dict({"selected_heads": [list(h) for h in result.selected]}, f"{prefix}/selected_heads.json")
-    mlflow.log_figure(plots.head_score_heatmap(result.scores, result.selected, result.detector), f"{prefix}/heatmap.png")
-    numbers, rest = _split_extra(result.extra)
-    mlflow.log_metrics({f"{prefix}/{key}": value for key, value in numbers.items()})
-    if rest:
-        mlflow.log_dict(rest, f"{prefix}/extra.json")
-
-
-def _jsonable(value: Any) -> Any:
-    """``value`` with arrays as lists and (layer, head) keys as "layer.head", for JSON."""
-    if isinstance(value, np.ndarray | np.generic):
-        return value.tolist()
-    if isinstance(value, dict):
-        return {".".join(map(str, k)) if isinstance(k, tuple) else str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    return value
-
-
-def _split_extra(extra: Mapping[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
-    """A detector's extra results (``HeadScores.extra``): the single numbers, logged as metrics,
-    and the rest (per-trial lists, arrays), logged as JSON."""
-    numbers = {k: float(v) for k, v in extra.items() if isinstance(v, int | float | np.number) and not isinstance(v, bool)}
-    return numbers, {k: _jsonable(v) for k, v in extra.items() if k not in numbers}
-
-
-def _detector_agreement(main: HeadScores, other: HeadScores) -> dict[str, float]:
-    """How far two detectors agree: Spearman's rho of their [layers x heads] scores, and the
-    overlap (count and Jaccard index) of their selections."""
-    rho = spearmanr(main.scores.ravel(), other.scores.ravel())
-    shared = len(set(main.selected) & set(other.selected))
-    union = len(set(main.selected) | set(other.selected))
-    return {"heads_selected": len(other.selected), "spearman": float(rho.statistic), "spearman_p": float(rho.pvalue),
-            "overlap": shared, "jaccard": shared / union if union else float("nan")}
 
 
 def _test_comparisons(
@@ -161,7 +126,7 @@ def run(
 ) -> RunContext:
     """Execute one composed job; ``config`` is the resolved Hydra config as plain containers.
 
-    ``parent_run_id`` and ``tags`` nest the run under a sweep's parent run (see :mod:`framework.sweep`).
+    ``parent_run_id`` and ``tags`` nest the run under a sweep's parent run (see :mod:`framework.tracking.sweep`).
     """
     validation.validate(config)
     registry = get_registry()
@@ -192,7 +157,7 @@ def run(
         return RunContext(config=dict(config), run_id="")  # the plan is printed; no run is created
 
     steps = _Steps(1 + (detector is not None) + len(extra_detectors) + (plan.n_conditions if plan else 0))
-    with tracking.tracked_run(config, info, config["experiment"], config.get("run_name"), parent_run_id, tags) as active:
+    with tracked_run(config, info, config["experiment"], config.get("run_name"), parent_run_id, tags) as active:
         context = RunContext(config=dict(config), run_id=active.info.run_id)
         mlflow.set_tags({"task": task.name, "detector": getattr(detector, "name", "none"),
                          "intervention": plan.intervention.name if plan else "none",
@@ -218,7 +183,7 @@ def run(
                 steps.start("detection", f"{detector.name} on {len(detect_samples)} samples")
                 with labelled("detection"):
                     context.head_scores = detector.detect(model, detect_samples)
-                _log_head_scores(context.head_scores, f"detector/{detector.name}")
+                detection.log_head_scores(context.head_scores, f"detector/{detector.name}")
                 mlflow.log_metrics({"heads/selected": len(context.head_scores.selected),
                                     "heads/selected_fraction": len(context.head_scores.selected) / context.head_scores.scores.size})
                 log.info("[detection] %d heads selected", len(context.head_scores.selected))
@@ -226,10 +191,10 @@ def run(
                     steps.start(f"detection ({key})", f"{other.name} on {len(detect_samples)} samples")
                     with labelled(f"detection ({key})"):
                         context.detector_scores[key] = result = other.detect(model, detect_samples)
-                    _log_head_scores(result, f"detectors/{key}")
+                    detection.log_head_scores(result, f"detectors/{key}")
                     mlflow.log_metrics({f"detectors/{key}/{name}": value
-                                        for name, value in _detector_agreement(context.head_scores, result).items()})
-                lengths.detect_across_lengths(estimate.detect_samples_by_length, {"main": detector, **extra_detectors}, model)
+                                        for name, value in detection.detector_agreement(context.head_scores, result).items()})
+                detection.detect_across_lengths(estimate.detect_samples_by_length, {"main": detector, **extra_detectors}, model)
                 if plan is not None and not context.head_scores.selected:
                     raise ConfigError(
                         f"detector {detector.name!r} selected no heads (max score "

@@ -13,9 +13,9 @@ from typing import ClassVar
 
 import numpy as np
 
-from framework.attention import AttentionEdit, Head
 from framework.interfaces import Intervention, LoadedModel, ModelInfo
-from framework.rope import check_dim_count, check_raw_count, random_pair_dims, random_raw_dims
+from framework.model.attention import AttentionEdit, Head
+from framework.model.rope import check_dim_count, check_raw_count, random_pair_dims, random_raw_dims
 
 
 class QueryDimIntervention(Intervention):

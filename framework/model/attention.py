@@ -134,7 +134,7 @@ class _LayerCache:
 class QueryScaling(HeadEdit):
     """Multiply each listed head's query (after RoPE and QK-norm) dimension by dimension: 0
     removes a dimension from q.k, a boolean vector keeps the True dims; a torch tensor with
-    ``requires_grad`` receives gradients. :mod:`framework.rope` maps RoPE pairs to such vectors."""
+    ``requires_grad`` receives gradients. :mod:`framework.model.rope` maps RoPE pairs to such vectors."""
 
     def __init__(self, scales: dict[Head, Vector]):
         self.scales = scales
@@ -248,7 +248,7 @@ class AttentionEdit:
 
     @classmethod
     def zero_query_dims(cls, dims_by_head: dict[Head, Sequence[int]], head_dim: int, phase: Phase = "both") -> AttentionEdit:
-        """Remove the given raw query dimensions of each head from q.k (see :mod:`framework.rope`
+        """Remove the given raw query dimensions of each head from q.k (see :mod:`framework.model.rope`
         for the dimensions of RoPE frequency pairs)."""
         scales = {}
         for head, dims in dims_by_head.items():

@@ -15,7 +15,7 @@ Two readings of "query dimensions" are offered, named apart:
   dims", which under rotate_half are single halves of the highest / lowest frequency pairs.
 
 All of them return dimension indices or per-dimension scales for
-:class:`framework.attention.AttentionEdit` (``zero_query_dims`` or ``query_scale``).
+:class:`framework.model.attention.AttentionEdit` (``zero_query_dims`` or ``query_scale``).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Runs against a tracking server keep their results in a local folder until they have reached
-the server: ``python -m framework.upload FOLDER`` uploads them once the server is back.
+the server: ``python -m framework.tracking.upload FOLDER`` uploads them once the server is back.
 
 A run against ``MLFLOW_TRACKING_URI=http(s)://...`` is created on the server when it starts (with
 its tags, so the server shows it RUNNING), but logs its params, metrics and artifacts to its own
@@ -24,11 +24,11 @@ from mlflow import MlflowClient
 from mlflow.entities import Metric, Param, Run, RunTag
 from mlflow.tracking.context.registry import resolve_tags
 
-from framework import stores, tracking
+from framework.tracking import experiments, stores
 
 log = logging.getLogger(__name__)
 
-PENDING = tracking.STORE_DIR / "pending"
+PENDING = experiments.STORE_DIR / "pending"
 TARGET_FILE = "target.json"  # in a run's folder: the server and the run id there
 _BATCH = 100  # MLflow's limit of params (and tags) per log_batch call
 
@@ -43,7 +43,7 @@ def kept_locally(server_uri: str, experiment: str, run_name: str | None, parent_
     """The server's run for a job; while it is open, MLflow's fluent API logs to the run's local
     folder, uploaded when the run ends (see the module docstring)."""
     run_tags = resolve_tags({**tags, **({"mlflow.parentRunId": parent_run_id} if parent_run_id else {})})
-    server_run = MlflowClient(server_uri).create_run(tracking.experiment_id(experiment), run_name=run_name,
+    server_run = MlflowClient(server_uri).create_run(experiments.experiment_id(experiment), run_name=run_name,
                                                       tags=run_tags)
     folder = (PENDING / server_run.info.run_id).resolve()
     folder.mkdir(parents=True)
@@ -52,7 +52,7 @@ def kept_locally(server_uri: str, experiment: str, run_name: str | None, parent_
     mlflow.set_tracking_uri(_store_uri(folder))
     local_experiment = mlflow.create_experiment(experiment, artifact_location=(folder / "artifacts").as_uri())
     mlflow.start_run(experiment_id=local_experiment, run_name=server_run.info.run_name, tags=run_tags,
-                     log_system_metrics=tracking.system_metrics())
+                     log_system_metrics=experiments.system_metrics())
     try:
         yield server_run
     except BaseException:
@@ -70,7 +70,7 @@ def _upload_or_keep(folder: Path, server_uri: str, failing: bool) -> None:
     except Exception as error:
         message = (f"the tracking server {server_uri} did not take the run's results "
                    f"({type(error).__name__}: {str(error)[:300]}); they are kept in {folder}: "
-                   f"upload them with `python -m framework.upload {folder}` once the server is back")
+                   f"upload them with `python -m framework.tracking.upload {folder}` once the server is back")
         if failing:  # the run's own error is the one to raise; say where its results are
             log.error(message)
         else:
@@ -104,7 +104,7 @@ def upload(folder: Path) -> Run:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m framework.upload", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m framework.tracking.upload", description=__doc__.split("\n\n")[0])
     parser.add_argument("folders", nargs="+", type=Path, help="folders named by the error, mlruns/pending/<run id>")
     args = parser.parse_args(argv)
     stores.quiet_retries()

@@ -18,13 +18,13 @@ from typing import Any, Mapping
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from framework import attention
 from framework.interfaces import ConfigError, LoadedModel, ModelInfo
-from framework.rope import model_inv_freq
+from framework.model import attention
+from framework.model.rope import model_inv_freq
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def cache_root() -> Path:
@@ -42,9 +42,9 @@ def resolve_device(device: str) -> torch.device:
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
-    if dtype not in _DTYPES:
-        raise ConfigError(f"model.dtype={dtype!r} is unknown; choose auto or one of {sorted(_DTYPES)}")
-    return _DTYPES[dtype]
+    if dtype not in DTYPES:
+        raise ConfigError(f"model.dtype={dtype!r} is unknown; choose auto or one of {sorted(DTYPES)}")
+    return DTYPES[dtype]
 
 
 def _gguf_location(spec: Mapping[str, Any]) -> tuple[Path, str]:

@@ -23,7 +23,7 @@ tokens), so that the quadratic attention term is measured where it dominates, no
 
 What is not a forward pass (loading, MLflow logging, tables, figures, statistics) is priced as
 *bookkeeping*: ``b0 + b1 * steps``, fitted on the runs this machine finished before (each run
-records its wall time less its model time, :func:`framework.cost.Meter`, and less loading, in
+records its wall time less its model time, :func:`framework.planning.cost.Meter`, and less loading, in
 ``<model cache>/cost/bookkeeping-<device>.json``); until one has finished it is not priced, and
 the plan says so. ``dry_run=true`` prints the plan and stops before any MLflow run; a
 real run logs the estimate as ``estimate.*`` parameters and, at its end, what it actually took
@@ -50,11 +50,11 @@ import numpy as np
 import torch
 from scipy.optimize import nnls
 
-from framework import cost
-from framework.cost import memory_now, memory_peak, reset_peak
-from framework.generation import length_batches
 from framework.interfaces import ConfigError, Detector, Sample, Task
-from framework.models import cache_root, load_model, load_tokenizer, model_config, resolve_device, resolve_dtype
+from framework.model.generation import length_batches
+from framework.model.loading import cache_root, load_model, load_tokenizer, model_config, resolve_device, resolve_dtype
+from framework.planning import cost
+from framework.planning.cost import memory_now, memory_peak, reset_peak
 from framework.registry import Registry
 
 log = logging.getLogger(__name__)

@@ -12,8 +12,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from framework.attention import AttentionEdit, instrumented
 from framework.interfaces import LoadedModel, Sample
+from framework.model.attention import AttentionEdit, instrumented
 
 
 def length_batches(lengths: list[int], batch_size: int, max_padding: float) -> Iterator[list[int]]:

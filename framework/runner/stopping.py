@@ -3,7 +3,7 @@ limit or on preemption, and ``kill`` and ``timeout`` send by default.
 
 Python turns only SIGINT into an exception (KeyboardInterrupt). :func:`on_sigterm` makes SIGTERM
 raise :class:`Terminated`, a KeyboardInterrupt, so that every place that ends a run KILLED on
-Ctrl-C and keeps what it logged (:func:`framework.tracking.tracked_run`, the pipeline's partial
+Ctrl-C and keeps what it logged (:func:`framework.tracking.runs.tracked_run`, the pipeline's partial
 per-sample table, a sweep's parent run) does the same on SIGTERM.
 """
 

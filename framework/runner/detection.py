@@ -1,0 +1,102 @@
+"""Logging a detector's results, comparing two detectors, and detection across context lengths.
+
+A detector's scores, selection and heatmap are logged under one prefix (``detection/`` for the
+main detector, ``detectors/<key>/`` for extra ones); two detectors are compared by Spearman's rho
+of their scores and the overlap of their selections.
+
+Across lengths (are the heads found at 512 tokens the heads that retrieve at 8K?): with ``detect_lengths=[512, 2048, 8192]`` a run takes the task's detection samples at each length
+(the task's own grid of depths, one length at a time, ``detect_seed``; built by the planner) and
+runs its main detector and every extra detector there. Logged: per detector and length the scores, selection
+and heatmap (``lengths/<detector>/<length>/``); one table ``lengths/detection.json`` with a row
+per detector and length (heads selected, selection fraction) and a row per detector and pair of
+lengths (Spearman's rho of the scores, overlap and Jaccard index of the selections); and the
+same numbers as metrics ``lengths/<detector>/<length>/selected_fraction`` and
+``lengths/<detector>/<a>_vs_<b>/{spearman,overlap,jaccard}``.
+"""
+
+from __future__ import annotations
+
+import logging
+from itertools import combinations
+from typing import Any, Mapping
+
+import mlflow
+import numpy as np
+import pandas as pd
+from scipy.stats import spearmanr
+
+from framework import plots
+from framework.interfaces import Detector, HeadScores, LoadedModel, Sample
+
+log = logging.getLogger(__name__)
+
+
+def log_head_scores(result: HeadScores, prefix: str) -> None:
+    mlflow.log_dict({"shape": list(result.scores.shape), "scores": result.scores.tolist()}, f"{prefix}/scores.json")
+    mlflow.log_dict({"selected_heads": [list(h) for h in result.selected]}, f"{prefix}/selected_heads.json")
+    mlflow.log_figure(plots.head_score_heatmap(result.scores, result.selected, result.detector), f"{prefix}/heatmap.png")
+    numbers, rest = split_extra(result.extra)
+    mlflow.log_metrics({f"{prefix}/{key}": value for key, value in numbers.items()})
+    if rest:
+        mlflow.log_dict(rest, f"{prefix}/extra.json")
+
+
+def _jsonable(value: Any) -> Any:
+    """``value`` with arrays as lists and (layer, head) keys as "layer.head", for JSON."""
+    if isinstance(value, np.ndarray | np.generic):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {".".join(map(str, k)) if isinstance(k, tuple) else str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+def split_extra(extra: Mapping[str, Any]) -> tuple[dict[str, float], dict[str, Any]]:
+    """A detector's extra results (``HeadScores.extra``): the single numbers, logged as metrics,
+    and the rest (per-trial lists, arrays), logged as JSON."""
+    numbers = {k: float(v) for k, v in extra.items() if isinstance(v, int | float | np.number) and not isinstance(v, bool)}
+    return numbers, {k: _jsonable(v) for k, v in extra.items() if k not in numbers}
+
+
+def detector_agreement(main: HeadScores, other: HeadScores) -> dict[str, float]:
+    """How far two detectors agree: Spearman's rho of their [layers x heads] scores, and the
+    overlap (count and Jaccard index) of their selections."""
+    rho = spearmanr(main.scores.ravel(), other.scores.ravel())
+    shared = len(set(main.selected) & set(other.selected))
+    union = len(set(main.selected) | set(other.selected))
+    return {"heads_selected": len(other.selected), "spearman": float(rho.statistic), "spearman_p": float(rho.pvalue),
+            "overlap": shared, "jaccard": shared / union if union else float("nan")}
+
+
+def detect_across_lengths(
+    samples_by_length: Mapping[int, list[Sample]], detectors: Mapping[str, Detector], model: LoadedModel
+) -> pd.DataFrame | None:
+    """Run each detector (by key: ``main`` and the extra detectors' keys) on the detection samples
+    of every length, log scores and agreement, and return the table (None without lengths)."""
+    lengths = list(samples_by_length)
+    if not lengths:
+        return None
+    results: dict[str, dict[int, HeadScores]] = {key: {} for key in detectors}
+    for length, samples in samples_by_length.items():
+        for key, detector in detectors.items():
+            log.info("[detection at %d tokens] %s on %d samples", length, detector.name, len(samples))
+            results[key][length] = found = detector.detect(model, samples)
+            log_head_scores(found, f"lengths/{key}/{length}")
+    rows, metrics = [], {}
+    for key, by_length in results.items():
+        for length, found in by_length.items():
+            fraction = len(found.selected) / found.scores.size
+            rows.append({"detector": key, "name": found.detector, "length": length, "heads_selected": len(found.selected),
+                         "selected_fraction": fraction})
+            metrics[f"lengths/{key}/{length}/selected_fraction"] = fraction
+        for a, b in combinations(lengths, 2):
+            agreement = detector_agreement(by_length[a], by_length[b])
+            rows.append({"detector": key, "name": by_length[a].detector, "length": a, "versus": b,
+                         **{k: agreement[k] for k in ("spearman", "overlap", "jaccard")}})
+            metrics.update({f"lengths/{key}/{a}_vs_{b}/{k}": agreement[k] for k in ("spearman", "overlap", "jaccard")})
+    table = pd.DataFrame(rows)
+    mlflow.log_table(table, "lengths/detection.json")
+    mlflow.log_metrics(metrics)
+    log.info("detection across lengths:\n%s", table.to_string(index=False))
+    return table
