@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from framework_cli import run_here
 from mlflow.tracking import MlflowClient
 
 from framework.model.rope import lowest_frequency_dims
@@ -41,7 +42,7 @@ def only_run(cwd: Path):
 
 
 def test_unknown_detector_lists_available_ones(tmp_path):
-    result = run_cli(tmp_path, "+detector=nope")
+    result = run_here(tmp_path, "+detector=nope")
     assert result.returncode != 0
     assert "Could not find 'detector/nope'" in result.stderr
     assert "Available options in 'detector'" in result.stderr and "attn_mass" in result.stderr
@@ -57,7 +58,7 @@ def test_unknown_detector_lists_available_ones(tmp_path):
     ],
 )
 def test_impossible_parameters_fail_before_any_model_work(tmp_path, overrides, message):
-    result = run_cli(tmp_path, *overrides)
+    result = run_here(tmp_path, *overrides)
     assert result.returncode != 0
     assert message in result.stderr
     assert "Traceback" not in result.stderr

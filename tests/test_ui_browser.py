@@ -24,6 +24,7 @@ CHROMIUM = shutil.which("chromium")
 
 pytestmark = [
     pytest.mark.e2e,
+    pytest.mark.optional_part,
     pytest.mark.skipif(CHROMIUM is None or importlib.util.find_spec("playwright") is None,
                        reason="the browser test needs Chromium and Playwright: WITH_BROWSER=1 bash setup.sh"),
 ]
