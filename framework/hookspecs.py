@@ -24,6 +24,7 @@ if TYPE_CHECKING:
 PROJECT = "retrieval_heads"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
+"""Marks a plugin module's functions as implementations of the hooks below (``@hookimpl``)."""
 
 
 @hookspec

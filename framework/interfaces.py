@@ -16,8 +16,11 @@ import numpy as np
 from framework.model.attention import AttentionEdit, Head
 
 Split = Literal["detect", "eval"]
+"""Which samples a task builds: ``detect`` for head detection, ``eval`` for the conditions' evaluation
+(built with different seeds, so that heads are never scored on the samples they are judged by)."""
 ScoreKind = Literal["binary", "continuous"]
-SCORE_KINDS: tuple[str, ...] = ("binary", "continuous")  # what a task's per-sample scores are
+SCORE_KINDS: tuple[str, ...] = ("binary", "continuous")
+"""What a task's per-sample scores can be (:attr:`Task.score_kind`): 0/1, or anywhere in [0, 1]."""
 
 
 class ConfigError(ValueError):
@@ -38,6 +41,7 @@ class ModelInfo:
 
     @property
     def n_heads_total(self) -> int:
+        """Query heads in all layers (the size of a detector's score matrix)."""
         return self.n_layers * self.n_heads
 
 
@@ -52,6 +56,7 @@ class LoadedModel:
 
     @property
     def device(self) -> Any:
+        """The torch device the model's weights are on (inputs must go there)."""
         return self.model.device
 
 
@@ -120,6 +125,7 @@ class Detector(ABC):
     """Scores every (layer, head) and selects retrieval heads."""
 
     name: ClassVar[str]
+    """The name it is registered under: the option in the ``detector`` config group (``+detector=<name>``); results it returns carry it."""
 
     def validate(self, info: ModelInfo) -> None:
         """Raise :class:`ConfigError` for parameters impossible on this model (no weights yet)."""
@@ -133,6 +139,7 @@ class Intervention(ABC):
     """Turns selected heads into an attention edit, and builds its matched random control."""
 
     name: ClassVar[str]
+    """The name it is registered under: the option in the ``intervention`` config group; results it returns carry it."""
 
     def validate(self, info: ModelInfo) -> None:
         """Raise :class:`ConfigError` for parameters impossible on this model (no weights yet)."""
@@ -162,6 +169,7 @@ class Task(ABC):
     """
 
     name: ClassVar[str]
+    """The name it is registered under: the option in the ``task`` config group (``task=<name>``); results it returns carry it."""
     max_new_tokens: int = 16
     score_kind: ScoreKind = "binary"
 
@@ -182,7 +190,9 @@ class StatTest(ABC):
     """
 
     name: ClassVar[str]
+    """The name it is registered under: the key of its results (``<name>/<comparison>/p_value``) and its option in ``stats``; results it returns carry it."""
     accepts: ClassVar[frozenset[str]] = frozenset(SCORE_KINDS)
+    """The task score kinds (:data:`SCORE_KINDS`) the test is valid for; a run refuses the others."""
 
     @abstractmethod
     def compare(self, treatment: np.ndarray, reference: np.ndarray) -> dict[str, float]:

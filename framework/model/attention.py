@@ -41,11 +41,15 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-Head = tuple[int, int]  # (layer, head)
+Head = tuple[int, int]
+"""A query head as (layer, head), both counted from 0: how detectors select and edits address heads."""
 MaskMode = Literal["zero", "mean", "uniform"]
 Phase = Literal["prefill", "decode", "both"]
 MASK_MODES: tuple[str, ...] = get_args(MaskMode)
+"""How a masked head's output is replaced: ``zero``, its ``mean`` output over the detection
+samples, or ``uniform`` attention over the keys (:class:`HeadMasking`)."""
 PHASES: tuple[str, ...] = get_args(Phase)
+"""The passes an edit acts in: the ``prefill`` of the prompt, each ``decode`` step, or ``both``."""
 Vector = np.ndarray | torch.Tensor  # one value per head dimension
 ATTN_IMPLEMENTATION = "retrieval_heads"
 _ROW_CHUNK = 256
@@ -81,9 +85,13 @@ class HeadEdit(ABC):
         return sorted(h for l, h in self.heads if l == layer)
 
     def query(self, layer: int, query: torch.Tensor) -> torch.Tensor:
+        """This layer's query [batch, heads, q_len, head_dim] after RoPE (and QK-norm), returned
+        edited for this edit's heads; the default returns it unchanged."""
         return query
 
     def key(self, layer: int, key: torch.Tensor) -> torch.Tensor:
+        """This layer's key [batch, kv_heads, k_len, head_dim] after RoPE, cached keys included,
+        returned edited; under GQA an edit of one KV head reaches every query head it serves."""
         return key
 
     def bias(self, layer: int, rows: torch.Tensor, key_length: int) -> torch.Tensor | None:
@@ -93,6 +101,8 @@ class HeadEdit(ABC):
         return None
 
     def output(self, layer: int, output: torch.Tensor) -> torch.Tensor:
+        """This layer's attention output [batch, q_len, heads, head_dim], what ``o_proj`` reads,
+        returned edited for this edit's heads; the default returns it unchanged."""
         return output
 
     def describe(self) -> dict[str, Any]:

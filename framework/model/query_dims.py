@@ -22,12 +22,14 @@ class QueryDimIntervention(Intervention):
     """Zero ``n_dims`` query dims per selected head (default a quarter of head_dim, the seed's
     32 of 128); subclasses choose them in :meth:`dims`."""
 
-    pairs: ClassVar[bool] = True  # dims come as whole RoPE pairs (else raw indices)
+    pairs: ClassVar[bool] = True
+    """Whether the dims come as whole RoPE pairs (``n_dims`` even) or as raw indices."""
 
     def __init__(self, n_dims: int | None = None):
         self.n_dims = n_dims
 
     def count(self, info: ModelInfo) -> int:
+        """How many query dims each selected head loses: ``n_dims``, or a quarter of head_dim."""
         return self.n_dims if self.n_dims is not None else info.head_dim // 4
 
     def validate(self, info: ModelInfo) -> None:
