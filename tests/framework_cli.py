@@ -4,6 +4,7 @@ unless a tracking URI is given."""
 
 from __future__ import annotations
 
+import importlib.util
 import io
 import json
 import logging
@@ -48,12 +49,25 @@ def run(cwd: Path, *args: str, module: str = "framework", env: dict[str, str] | 
                           capture_output=True, text=True, timeout=600)
 
 
+_NO_HYDRA_LOGGING = ("hydra/job_logging=none", "hydra/hydra_logging=none")
+
+
+def _is_hydra_command(module: str) -> bool:
+    """Whether ``python -m module`` is a ``@hydra.main`` command (others parse their own arguments)."""
+    spec = importlib.util.find_spec(module)
+    path = Path(spec.origin)
+    if spec.submodule_search_locations:  # a package runs its __main__
+        path = path.parent / "__main__.py"
+    return "@hydra.main" in path.read_text()
+
+
 def run_here(cwd: Path, *args: str, module: str = "framework", env: dict[str, str] | None = None
              ) -> subprocess.CompletedProcess:
     """:func:`run`, but inside this interpreter: ``python -m module args`` executed by runpy in
     ``cwd`` with ``env`` as the environment, its output and exit status captured as a finished
-    process's. For commands that end before any model work (refusals), where a new interpreter
-    would cost most of the test's time (about 25 s each on a busy 2-core machine). The process
+    process's. For commands whose process itself is not under test (not signalled, no plugins on a
+    new path), where a new interpreter costs most of a short test's time (about 25 s each on a
+    busy 2-core machine). The process
     state a command changes (environment, working directory, signal handlers, logging, Hydra's
     global state) is restored afterwards; commands that load plugins from a new path
     (``PYTHONPATH``) need :func:`run`, since the registry is read once per process."""
@@ -66,7 +80,14 @@ def run_here(cwd: Path, *args: str, module: str = "framework", env: dict[str, st
     os.environ.clear()
     os.environ.update(env or environment())
     os.chdir(cwd)
-    sys.argv = [module, *args]
+    # Hydra's own logging set-up (logging.config.dictConfig) would close every handler of this
+    # process, pytest's included: it is left out, and a handler like Hydra's console one (INFO
+    # and up, to stdout, its format) stands in for it during the command.
+    sys.argv = [module, *args, *(_NO_HYDRA_LOGGING if _is_hydra_command(module) else ())]
+    console = logging.StreamHandler(stdout)
+    console.setFormatter(logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"))
+    root.handlers[:] = [*saved_handlers, console]
+    root.setLevel(logging.INFO)
     GlobalHydra.instance().clear()
     try:
         with redirect_stdout(stdout), redirect_stderr(stderr):

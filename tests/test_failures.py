@@ -168,7 +168,7 @@ def test_a_server_that_goes_away_mid_run_loses_nothing(tmp_path, embedded_model)
                 "once the server is back") in output
         assert "Traceback" not in output
 
-        still_down = run(work, str(folder), module="framework.tracking.upload")
+        still_down = run_here(work, str(folder), module="framework.tracking.upload")
         assert still_down.returncode == 1 and folder.is_dir()
         assert f"error: {folder}: " in still_down.stderr and "the folder is kept" in still_down.stderr
 
@@ -176,7 +176,7 @@ def test_a_server_that_goes_away_mid_run_loses_nothing(tmp_path, embedded_model)
         client = MlflowClient(server.url)
         [waiting] = all_runs(client)
         assert waiting.info.run_id == folder.name and waiting.info.status == "RUNNING"  # until its results arrive
-        uploaded = run(work, str(folder), module="framework.tracking.upload")
+        uploaded = run_here(work, str(folder), module="framework.tracking.upload")
         assert uploaded.returncode == 0, uploaded.stderr[-3000:]
         assert not folder.exists()
         [done] = all_runs(client)
@@ -224,7 +224,7 @@ def test_a_sweep_stopped_by_sigterm_says_what_did_not_finish_and_resumes(tmp_pat
     assert [(r["name"], r["outcome"]) for r in rows] == [
         ("seed=0", "finished"), ("seed=2", "killed"), ("seed=3", "not started")]
 
-    result = run(tmp_path, *sweep)  # after a preemption, the same command resumes the sweep
+    result = run_here(tmp_path, *sweep)  # after a preemption, the same command resumes the sweep
     assert result.returncode == 0, result.stderr[-3000:]
     assert "sweep job 1/3 (seed=0): skipped, it finished before" in result.stdout + result.stderr
     resumed, children = sweep_runs(client)
@@ -329,7 +329,7 @@ def test_a_damaged_entry_is_rebuilt_before_the_run(tmp_path, embedded_model):
     with (cache_root() / "smollm2_135m" / "model.safetensors").open("rb") as whole:
         (entry / "model.safetensors").write_bytes(whole.read(1 << 20))
     env = {**environment(), "RETRIEVAL_HEADS_CACHE": str(entry.parent)}
-    result = run(tmp_path, *TINY_GRID, env=env)
+    result = run_here(tmp_path, *TINY_GRID, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     logged = result.stdout + result.stderr
     whole = (cache_root() / "smollm2_135m" / "model.safetensors").stat().st_size

@@ -4,15 +4,14 @@ detection across lengths and the length x depth heatmap (end to end on the embed
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from framework_cli import run_here
 from mlflow.tracking import MlflowClient
 
 from framework.interfaces import ConfigError, Sample
@@ -145,10 +144,7 @@ def test_bad_haystack_and_needle_files_are_config_errors(tmp_path, make, message
 
 # --- end to end ---------------------------------------------------------------------------------
 def _cli(cwd: Path, *overrides: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run([sys.executable, "-m", "framework", *overrides], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=900)
+    return run_here(cwd, *overrides)
 
 
 def _runs(cwd: Path) -> list:

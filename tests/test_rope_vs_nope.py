@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import CONFIG_DIR
-from framework_cli import environment, local_store, run
+from framework_cli import local_store, run_here
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
@@ -141,7 +141,7 @@ def test_config_errors_name_what_and_why():
 
 
 def test_command_trains_both_variants_and_logs_the_comparison(tmp_path):
-    result = run(tmp_path, *TINY_COMMAND, module="framework.studies.rope_vs_nope", env=environment())
+    result = run_here(tmp_path, *TINY_COMMAND, module="framework.studies.rope_vs_nope")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "verdict/utility_gap_rope_minus_nope" in result.stdout
     client = local_store(tmp_path)

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
-from framework_cli import TINY_GRID, TrackingServer, environment, run, summary, sweep_runs
+from framework_cli import TINY_GRID, TrackingServer, environment, run_here, summary, sweep_runs
 from mlflow import MlflowClient
 
 
@@ -28,7 +28,7 @@ def test_a_sweep_against_a_tracking_server(tmp_path, tracking_server, embedded_m
     url, artifact_root = tracking_server
     work = tmp_path / "work"
     work.mkdir()
-    result = run(work, "--multirun", "+detector=attn_mass", "detector.threshold=null", "detector.top_k=5",
+    result = run_here(work, "--multirun", "+detector=attn_mass", "detector.threshold=null", "detector.top_k=5",
                  "+intervention=zero_lowfreq,head_mask", *TINY_GRID, env=environment(tracking_uri=url))
     assert result.returncode == 0, result.stderr[-3000:]
     assert not (work / "mlruns" / "mlflow.db").exists()  # nothing went to the local store

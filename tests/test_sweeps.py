@@ -9,7 +9,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from framework_cli import TINY_GRID, local_store, run, run_until_signalled, summary, sweep_runs
+from framework_cli import TINY_GRID, local_store, run, run_here, run_until_signalled, summary, sweep_runs
 
 TWO_BY_TWO = ["--multirun", "seed=0,2", "+intervention=zero_lowfreq,head_mask",
               "+detector=attn_mass", "detector.threshold=null", "detector.top_k=5", *TINY_GRID]
@@ -36,7 +36,7 @@ def test_a_two_by_two_sweep_nests_its_jobs_and_resumes_after_ctrl_c(tmp_path, em
     first = {c.data.tags["config_hash"]: c.info.run_id for c in children if c.info.status == "FINISHED"}
 
     # the same command again: the two finished jobs are skipped, the other two run
-    result = run(tmp_path, *TWO_BY_TWO)
+    result = run_here(tmp_path, *TWO_BY_TWO)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (result.stdout + result.stderr).count("skipped, it finished before") == 2
     resumed, children = sweep_runs(client)
