@@ -16,7 +16,8 @@ within a time limit (``--budget-s``), with nothing downloaded. On CUDA, in bfloa
   the framework's row capture (64 rows) and an edited pass, as ratios; one decode step;
 * **the default command end to end** (``python -m framework +detector=attn_mass
   +intervention=zero_lowfreq``, device and dtype ``auto``) on the embedded model, in a fresh
-  local MLflow store: its wall time, run status and ``estimate/*_ratio`` read from MLflow.
+  local MLflow store: its wall time, run status and ``estimate/*_ratio`` read from MLflow (it starts
+  with at least 90 s of budget left and is stopped after 240 s).
 
 The models have random weights built directly on the device, with transformers' weight
 initialisation skipped (``no_init_weights``): time and memory do not depend on the values, so the
@@ -24,8 +25,9 @@ prefill cases run on whatever the allocator hands out; only the exactness check,
 values, initialises its model (the model's own init, on the device). Cases run in order of how
 much they tell: exactness, every model at 8K, the end-to-end run, 32K, the longest lengths. A case
 that hits CUDA out-of-memory is marked ``oom`` with its predicted peak, one that the remaining
-budget cannot hold ``skipped: budget``, and the check goes on. The JSON is rewritten after every
-case, so an interrupted check keeps what it measured.
+budget cannot hold ``skipped: budget``, and the check goes on; lengths beyond a model's positions
+are listed with their prediction, not run. The JSON is rewritten before and after every case, so an
+interrupted check keeps what it measured.
 
 ``--tiny`` runs the same code on CPU (still bfloat16) in well under a minute: tiny configs of the
 same three families (2 layers, head_dim 16, the published GQA ratios, positions and sliding
@@ -75,6 +77,7 @@ DECODE_STEPS = 4  # decode steps timed after a prefill; the median counts
 MAX_ROUNDS = 3  # timed rounds of the three prefill modes; the fastest pass per mode counts
 RESERVE_S = 15.0  # kept free at the end of the budget for writing the results
 E2E_MIN_S = 90.0  # the end-to-end run starts only with this much budget left (dequantise, calibrate, run)
+E2E_MAX_S = 240.0  # and is stopped after this long, so that the longer prefill cases keep their time
 MEMORY_MARGIN = 0.95  # a length is tried only if its predicted peak is within this share of the GPU's memory
 TINY_SCALE = 128  # --tiny divides lengths, positions and windows by this
 TINY_HEAD_DIM = 16
@@ -108,7 +111,8 @@ class Case:
     kind: str  # exactness, prefill or end_to_end
     model: str | None = None
     tokens: int | None = None
-    status: str = "skipped: budget"
+    note: str = ""  # why a prefill case has this length
+    status: str = "not reached"  # then running; measured, oom, failed: ..., killed: ... or skipped: budget
     result: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -401,7 +405,7 @@ def exactness_verdict(result: dict[str, Any]) -> dict[str, bool]:
 
 def run_end_to_end(setup: Setup, budget: Budget) -> dict[str, Any]:
     """The front door as a user runs it, in a fresh directory (its own local MLflow store),
-    stopped with SIGTERM (the run then ends KILLED) if the budget runs out."""
+    stopped with SIGTERM (the run then ends KILLED) after E2E_MAX_S or when the budget runs out."""
     from mlflow import MlflowClient
 
     command = [sys.executable, "-m", "framework", *(TINY_COMMAND if setup.tiny else DEFAULT_COMMAND)]
@@ -413,7 +417,7 @@ def run_end_to_end(setup: Setup, budget: Budget) -> dict[str, Any]:
         process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                    text=True, start_new_session=True)
         try:
-            output, _ = process.communicate(timeout=max(1.0, budget.left()))
+            output, _ = process.communicate(timeout=max(1.0, min(budget.left(), E2E_MAX_S)))
             stopped = False
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGTERM)
@@ -421,7 +425,7 @@ def run_end_to_end(setup: Setup, budget: Budget) -> dict[str, Any]:
             stopped = True
         wall = time.perf_counter() - started
         result: dict[str, Any] = {"command": " ".join(command[1:]), "returncode": process.returncode, "wall_s": wall,
-                                  "stopped_by_budget": stopped}
+                                  "stopped": stopped}
         client = MlflowClient(tracking_uri=f"sqlite:///{Path(cwd) / 'mlruns' / 'mlflow.db'}")
         experiment = client.get_experiment_by_name("retrieval-heads") if (Path(cwd) / "mlruns").exists() else None
         runs = client.search_runs([experiment.experiment_id]) if experiment else []
@@ -439,39 +443,45 @@ def run_end_to_end(setup: Setup, budget: Budget) -> dict[str, Any]:
 # --- the plan --------------------------------------------------------------------------------
 def longest_length(setup: Setup, config: PretrainedConfig) -> tuple[int, str]:
     """The longest prefill the model's positions (less NEW_TOKENS, as the planner counts them) and
-    the device's memory (by the memory model's prediction) allow, up to LENGTHS[-1]; and why."""
+    the device's memory (by the memory model's prediction) allow, up to LENGTHS[-1]; and what
+    limits it."""
     tokens = min(setup.scaled(LENGTHS[-1]), config.max_position_embeddings - NEW_TOKENS)
-    reason = "positions" if tokens < setup.scaled(LENGTHS[-1]) else "ceiling"
+    limit = "positions" if tokens < setup.scaled(LENGTHS[-1]) else f"ceiling {setup.scaled(LENGTHS[-1])} less {NEW_TOKENS}"
     room = MEMORY_MARGIN * device_memory(setup.device)
     while predicted_peaks(setup, config, tokens)["capture"] > room and tokens > setup.scaled(LENGTHS[0]):
-        tokens, reason = tokens // 2, "memory"
-    return tokens, reason
+        tokens, limit = tokens // 2, "memory"
+    return tokens, limit
 
 
-def plan(setup: Setup, configs: dict[str, PretrainedConfig]) -> list[Case]:
-    """Every case, most informative first: exactness, each model at 8K, the end-to-end run, 32K,
-    then each model's longest length. Lengths beyond a model's positions are listed as
-    ``skipped: positions`` (with the memory model's prediction) and not run."""
-    cases = [Case("exactness", name) for name in configs]
-    lengths: dict[str, list[int]] = {name: [] for name in configs}
-    beyond: list[Case] = []
+def plan(setup: Setup, configs: dict[str, PretrainedConfig]) -> tuple[list[Case], list[dict[str, Any]]]:
+    """The cases, most informative first: exactness, each model at 8K, the end-to-end run, 32K,
+    then each model's longest length (a length at the model's limit is cut to its positions less
+    NEW_TOKENS, as the planner would); and the lengths beyond a model's positions, not run, with
+    the memory model's prediction."""
+    lengths: dict[str, dict[int, str]] = {name: {} for name in configs}
+    beyond = []
     for name, config in configs.items():
-        limit = config.max_position_embeddings - NEW_TOKENS
-        longest, _ = longest_length(setup, config)
-        for tokens in [*(setup.scaled(n) for n in LENGTHS[:-1]), longest]:
-            if tokens > limit:
-                peaks = predicted_peaks(setup, config, tokens)
-                beyond.append(Case("prefill", name, tokens, f"skipped: positions ({config.max_position_embeddings})",
-                                   {"predicted_peak_gib": {mode: b / GIB for mode, b in peaks.items()}}))
-            elif tokens not in lengths[name]:
-                lengths[name].append(tokens)
+        positions = config.max_position_embeddings
+        longest, limit = longest_length(setup, config)
         if memory_model.planner_refusal(name, config, longest, NEW_TOKENS) is not None:
             raise RuntimeError(f"{name}: the planner refuses {longest} tokens")
+        for tokens in (setup.scaled(n) for n in LENGTHS[:-1]):
+            if tokens + NEW_TOKENS <= positions:
+                lengths[name][tokens] = ""
+            elif tokens <= positions:  # the last few positions are the generated tokens'
+                lengths[name][positions - NEW_TOKENS] = f"positions {positions} less {NEW_TOKENS}"
+            else:
+                peaks = predicted_peaks(setup, config, tokens)
+                beyond.append({"model": name, "tokens": tokens, "positions": positions,
+                               "predicted_peak_gib": {mode: b / GIB for mode, b in peaks.items()}})
+        lengths[name].setdefault(longest, f"longest: {limit}")
+    cases = [Case("exactness", name) for name in configs]
     for index in range(max(len(v) for v in lengths.values())):
-        cases += [Case("prefill", name, v[index]) for name, v in lengths.items() if index < len(v)]
+        cases += [Case("prefill", name, tokens, note) for name, v in lengths.items()
+                  for tokens, note in list(v.items())[index:index + 1]]
         if index == 0:
             cases.append(Case("end_to_end"))
-    return cases + beyond
+    return cases, beyond
 
 
 def guess_seconds(setup: Setup, case: Case, done: list[Case]) -> float:
@@ -506,7 +516,7 @@ def run_case(setup: Setup, case: Case, configs: dict[str, PretrainedConfig], bud
     if case.kind == "prefill" and case.status != "measured":
         case.result["predicted_peak_gib"] = {m: b / GIB for m, b in predicted_peaks(setup, configs[case.model], case.tokens).items()}
     if case.kind == "end_to_end" and case.status == "measured" and case.result.get("run_status") != "FINISHED":
-        case.status = "killed: budget" if case.result["stopped_by_budget"] else "failed: the run did not finish"
+        case.status = "killed: time limit" if case.result["stopped"] else "failed: the run did not finish"
     release()
 
 
@@ -517,14 +527,15 @@ def describe_device(device: torch.device) -> str:
     return f"cpu ({os.cpu_count()} cores, {device_memory(device) / GIB:.1f} GiB)"
 
 
-def write_json(path: Path, setup: Setup, budget: Budget, cases: list[Case]) -> None:
+def write_json(path: Path, setup: Setup, budget: Budget, cases: list[Case], beyond: list[dict[str, Any]]) -> None:
     import transformers
 
     report = {"device": describe_device(setup.device), "tiny": setup.tiny, "dtype": str(setup.dtype).removeprefix("torch."),
               "budget_s": budget.seconds, "elapsed_s": time.perf_counter() - budget.started, "rows": setup.rows,
               "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
-              "cases": [{"case": c.label, "kind": c.kind, "model": c.model, "tokens": c.tokens, "status": c.status, **c.result}
-                        for c in cases]}
+              "cases": [{"case": c.label, "kind": c.kind, "model": c.model, "tokens": c.tokens, "note": c.note,
+                         "status": c.status, **c.result} for c in cases],
+              "beyond_positions": beyond}
     path.write_text(json.dumps(report, indent=1, default=float))
 
 
@@ -545,11 +556,13 @@ def case_notes(case: Case) -> str:
                 f"time x{_fmt(metrics.get('estimate/time_ratio'), '.2f')}, "
                 f"memory x{_fmt(metrics.get('estimate/memory_ratio'), '.2f')} of the estimate")
     if case.kind == "prefill" and case.status == "measured":
-        return f"{r['attention']}, {r['rounds']} timed rounds"
+        return "; ".join(filter(None, [case.note, f"{r['attention']}, {r['rounds']} timed rounds"]))
+    if case.kind == "prefill":
+        return case.note
     return ""
 
 
-def print_table(setup: Setup, cases: list[Case]) -> None:
+def print_table(setup: Setup, cases: list[Case], beyond: list[dict[str, Any]]) -> None:
     unit, scale = ("MiB", 1024) if setup.tiny else ("GiB", 1)
     header = (f"{'case':<28} | {'status':<24} | {'peak ' + unit:>8} | {'pred. ' + unit:>9} | {'mem x':>5} | "
               f"{'capt. mem x':>11} | {'plain s':>8} | {'capture x':>9} | {'edited x':>8} | {'decode ms':>9} | notes")
@@ -571,21 +584,28 @@ def print_table(setup: Setup, cases: list[Case]) -> None:
     print(f"\npeak: the plain prefill's peak memory ({'weights + resident-memory growth on CPU' if setup.tiny else 'max allocated'}); "
           f"pred.: the memory model's; mem x, capt. mem x: measured / predicted for the plain pass and the {setup.rows}-row "
           "capture; capture x, edited x: time / the plain prefill's; every number in the JSON.")
+    for skipped in beyond:
+        print(f"not run, beyond {skipped['model']}'s {skipped['positions']} positions: {skipped['tokens']} tokens "
+              f"(predicted {skipped['predicted_peak_gib']['plain'] * scale:.2f} {unit})")
 
 
 def check(setup: Setup, budget: Budget, out: Path) -> list[Case]:
-    """Every case of the plan that the budget holds, in order; the JSON rewritten after each, the
-    table printed at the end."""
+    """Every case of the plan that the budget holds, in order; the JSON rewritten before and after
+    each case (an interrupted check keeps what it measured), the table printed at the end."""
     configs = model_configs(setup)
-    cases = plan(setup, configs)
+    cases, beyond = plan(setup, configs)
     done: list[Case] = []
     for case in cases:
-        if case.status == "skipped: budget" and budget.allows(guess_seconds(setup, case, done)):
+        if budget.allows(guess_seconds(setup, case, done)):
+            case.status = "running"
+            write_json(out, setup, budget, cases, beyond)
             print(f"[{time.perf_counter() - budget.started:6.0f} s] {case.label}", file=sys.stderr, flush=True)
             run_case(setup, case, configs, budget)
+        else:
+            case.status = "skipped: budget"
         done.append(case)
-        write_json(out, setup, budget, cases)
-    print_table(setup, cases)
+        write_json(out, setup, budget, cases, beyond)
+    print_table(setup, cases, beyond)
     print(f"\nwritten: {out}")
     return cases
 
