@@ -111,7 +111,7 @@ def _where_first(
     with instrumented(model.model, edit, head_outputs=watch.output, inputs=watch.inputs):
         _generate(model, input_ids, attention_mask, passes)
     if watch.found is None:
-        return "no attention layer: after the last one's attention output (its o_proj or MLP, the final norm or the output head)"
+        return "after the last layer's attention output (its o_proj or MLP, the final norm or the output head)"
     index, layer, what = watch.found
     return f"layer {layer} ({what}, in {_pass_name(index)})"
 
