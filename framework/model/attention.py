@@ -23,7 +23,8 @@ Inside one it can
 No built-in edit builds a heads x length^2 matrix: uniform attention is a zeroed query (every
 allowed key then scores 0, so softmax is exactly uniform over the causal / sliding-window mask),
 and only logit soft-capping (Gemma-2), which SDPA lacks, and edits' logit biases take a manual
-path chunked over query rows.
+path chunked over query rows. On every path a row whose every key is masked (a left-pad row of a
+padded batch) attends to nothing, as in SDPA, so padding never changes a real row.
 Detectors and interventions go through this module; none of them patches model internals.
 """
 
@@ -71,7 +72,8 @@ class HeadEdit(ABC):
     * :meth:`bias`: an additive bias on a head's attention logits (after scaling and soft-capping),
       i.e. a new attention pattern; layers where an edit returns one take the chunked manual path
       (memory O(chunk x length)); captured rows include the bias, the tensors handed to an
-      ``inputs`` callback (:class:`AttentionInputs`) do not;
+      ``inputs`` callback (:class:`AttentionInputs`) do not; what a left-pad row sees, and what
+      a bias may return for it: see :meth:`bias`;
     * :meth:`output`: the attention output [batch, q_len, heads, head_dim], what ``o_proj`` reads.
     """
 
@@ -97,7 +99,18 @@ class HeadEdit(ABC):
     def bias(self, layer: int, rows: torch.Tensor, key_length: int) -> torch.Tensor | None:
         """Additive logit bias for query ``rows`` of this pass, broadcastable to
         [batch, heads, len(rows), key_length] (0 leaves a head as it is; -inf removes a key), or
-        None where this layer's pattern is unchanged."""
+        None where this layer's pattern is unchanged.
+
+        Indices count positions of the pass: in a prefill ``rows`` are query positions (in chunks),
+        in a decode step ``rows`` is ``[0]``, the new token, which is the last key. Batches are
+        left-padded, so a sample's real tokens are the last ones of the pass and its first keys
+        and rows may be padding; the bias is added to the mask, so pad keys stay masked whatever
+        it says. A pad row has every key masked: it attends to nothing (probabilities 0, head
+        output 0) and no real token reads it, so for pad rows, as for every row, the bias may
+        return any finite value or -inf, never NaN or +inf. A bias relative to the query (a
+        function of query minus key position) means the same in every sample of a batch; one at
+        absolute key indices (say, the first four keys) falls on padding in shorter samples.
+        A real row whose bias removes every key it may see also attends to nothing."""
         return None
 
     def output(self, layer: int, output: torch.Tensor) -> torch.Tensor:
@@ -314,7 +327,9 @@ class RowCapture:
     ``rows`` indexes the query positions of a prefill pass. ``sink(layer, probs)`` receives
     probabilities of shape [batch, heads, len(rows), key_length] for every layer, in order, after
     the active edit (a uniform head's rows are uniform); it should reduce them right away, so
-    that nothing of size heads x length^2 is ever held. Gradients flow through ``probs``.
+    that nothing of size heads x length^2 is ever held. Gradients flow through ``probs``. In a
+    left-padded batch a sample's real rows and keys are the last ones: its pad rows are all 0
+    and its real rows weigh the pad keys 0.
 
     ``phase`` picks the passes captured, as for :class:`AttentionEdit`: ``"prefill"`` (the
     default) passes with several query positions; ``"decode"`` the one-token steps of cached
@@ -424,7 +439,16 @@ def attention_probs(
     elif q_len > 1:
         causal = torch.arange(k_len, device=query.device)[None, :] > rows[:, None]
         scores = scores.masked_fill(causal, float("-inf"))
-    return torch.softmax(scores, dim=-1)
+    # A row whose every key is masked (a left-pad query row of a padded batch, or a bias that removes
+    # every key) would be a softmax of -inf alone: NaN, which reaches the real tokens through the next
+    # layer's values at pad positions (a weight of 0 times NaN is NaN). Such a row attends to nothing:
+    # probabilities 0 and so output 0, what torch's SDPA gives it on transformers' SDPA path (its eager
+    # path fills masks with the dtype's minimum, which makes the row uniform instead). Its scores are set
+    # to 0 before the softmax, so that gradients stay finite too; a row with any key left is untouched.
+    empty = scores.detach().amax(dim=-1, keepdim=True) == float("-inf")
+    probs = torch.softmax(scores.masked_fill_(empty, 0.0), dim=-1)
+    del scores  # the copy below then peaks no higher than the softmax did
+    return probs.masked_fill(empty, 0.0)
 
 
 def key_bias(attention_mask: torch.Tensor | None, rows: torch.Tensor, query_length: int, key_length: int) -> torch.Tensor:

@@ -20,7 +20,7 @@ import pandas as pd
 from framework import plots
 from framework.interfaces import BASELINE, Condition, ConfigError, LoadedModel, RunContext, Sample, Task
 from framework.model.attention import AttentionEdit
-from framework.model.generation import greedy_generate
+from framework.model.generation import NonFiniteLogits, greedy_generate
 from framework.model.loading import load_model, model_info
 from framework.planning import cost, planner
 from framework.registry import get_registry
@@ -39,7 +39,10 @@ def _evaluate(
     condition: str, model: LoadedModel, task: Task, samples: list[Sample], edit: AttentionEdit | None, batch_size: int
 ) -> tuple[list[str], np.ndarray]:
     progress = Progress(len(samples), label=condition, work=sum(weight(s) for s in samples))
-    outputs = greedy_generate(model, samples, task.max_new_tokens, edit, batch_size, progress.advance)
+    try:
+        outputs = greedy_generate(model, samples, task.max_new_tokens, edit, batch_size, progress.advance)
+    except NonFiniteLogits as error:  # the run fails: NaN logits would be scored as wrong answers
+        raise NonFiniteLogits(f"condition {condition!r}: {error}") from error
     outcomes = np.array([task.score(s, o) for s, o in zip(samples, outputs)])
     mlflow.log_metric(f"recall/{condition}", float(outcomes.mean()))
     log.info("[%s] recall %.3f", condition, outcomes.mean())
