@@ -9,6 +9,7 @@ from pathlib import Path
 
 import nbformat
 import pytest
+from mlflow import MlflowClient
 from nbclient import NotebookClient
 
 TUTORIAL = Path(__file__).resolve().parent.parent / "docs" / "tutorial.ipynb"
@@ -23,6 +24,10 @@ def test_the_tutorial_runs_from_a_fresh_kernel(tmp_path, monkeypatch):
     assert not [o for o in outputs if o.output_type == "error"]
     images = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(images) >= 5  # the claim run's three figures, the heatmap from the table, recall by dose
-    assert (tmp_path / "mlruns" / "mlflow.db").exists()  # its runs went to a store in its own folder
+    # its runs went to a store in its own folder: claim 1, two interventions, two more doses
+    store = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
+    runs = store.search_runs([store.get_experiment_by_name(name).experiment_id
+                              for name in ("claim1-causal-heads", "retrieval-heads")])
+    assert [r.info.status for r in runs] == ["FINISHED"] * 5
     if os.environ.get("RETRIEVAL_HEADS_SAVE_TUTORIAL"):
         nbformat.write(notebook, TUTORIAL)
