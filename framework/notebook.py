@@ -89,7 +89,10 @@ def load_model(name: str = "smollm2_135m", *overrides: str) -> LoadedModel:
 
 
 def _group(override: str) -> str:
-    return OverridesParser.create().parse_overrides([override])[0].key_or_group
+    try:
+        return OverridesParser.create().parse_overrides([override])[0].key_or_group
+    except HydraException:
+        return ""  # not an override: compose() reports it as the command line does
 
 
 def _with_model(overrides: Sequence[str], model: LoadedModel | None) -> list[str]:
@@ -135,6 +138,7 @@ def run(*overrides: str, model: LoadedModel | None = None) -> Result | None:
                           "(mlflow.end_run()); framework.run opens a run of its own")
     config = compose(*_with_model(overrides, model))
     if model is not None:
+        validation.validate(config)  # an impossible device or dtype is named as such, not as a mismatch
         _check_model(config["model"], model)
     with _own_figures():
         context = pipeline.run(config, loaded=model)

@@ -20,7 +20,7 @@ from framework.hookspecs import hookimpl
 from framework.notebook import CONFIG_DIR, compose
 from framework.registry import get_registry
 from framework.tracking.runs import config_hash, failed_run_id
-from framework_cli import TINY_GRID, environment
+from framework_cli import TINY_GRID, environment, serving
 
 DETECTOR = ["+detector=attn_mass", "detector.threshold=null", "detector.top_k=5"]
 
@@ -162,3 +162,14 @@ def test_compose_keeps_the_callers_hydra():
         assert compose("seed=3")["seed"] == 3 and compose()["seed"] == 0
         assert GlobalHydra.instance().is_initialized()
     assert not GlobalHydra.instance().is_initialized()
+
+
+def test_load_run_reads_a_run_back_from_a_tracking_server(tmp_path, loaded, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where the run keeps its results until they are uploaded
+    with serving(tmp_path / "server") as server:
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", server.url)
+        result = framework.run(*TINY_GRID, model=loaded)  # a baseline-only run: the cheapest there is
+        again = framework.load_run(result.run_id)
+        assert MlflowClient(server.url).get_run(result.run_id).info.status == again.status == "FINISHED"
+        assert len(again.samples) == len(result.samples) == 2 and again.metrics == result.metrics
+        assert list(framework.runs()["run_id"]) == [result.run_id]
