@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import os
+
 import matplotlib
 
-matplotlib.use("Agg")
+# Figures are written to files: no window. Jupyter's inline backend (ipykernel sets MPLBACKEND)
+# is kept, so that a notebook that runs experiments still shows its own plots.
+if not os.environ.get("MPLBACKEND", "").startswith("module://matplotlib_inline"):
+    matplotlib.use("Agg")
 
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402

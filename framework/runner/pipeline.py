@@ -125,11 +125,14 @@ class _Steps:
 
 
 def run(
-    config: Mapping[str, Any], parent_run_id: str | None = None, tags: Mapping[str, str] | None = None
+    config: Mapping[str, Any], parent_run_id: str | None = None, tags: Mapping[str, str] | None = None,
+    loaded: LoadedModel | None = None,
 ) -> RunContext:
     """Execute one composed job; ``config`` is the resolved Hydra config as plain containers.
 
     ``parent_run_id`` and ``tags`` nest the run under a sweep's parent run (see :mod:`framework.tracking.sweep`).
+    ``loaded``: the config's model, already in memory (a notebook's, reused across runs), instead
+    of loading it again.
     """
     validation.validate(config)
     registry = get_registry()
@@ -167,7 +170,7 @@ def run(
                          **({"claim": config["claim"]} if config.get("claim") else {})})
         planner.log_estimate(estimate)
         cost.step("load_model")
-        context.model = model = load_model(config["model"])
+        context.model = model = loaded if loaded is not None else load_model(config["model"])
         cost.watch(model.model)
         registry.manager.hook.run_started(context=context)
 
