@@ -19,6 +19,28 @@ from framework.interfaces import LoadedModel  # noqa: E402
 from framework.model.loading import load_model, prepare  # noqa: E402
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "conf"
+MAX_WORKERS = 4  # each worker holds the embedded model and its runs (about 2 GiB)
+
+
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto`` (pyproject.toml): one test worker per core this process may use, at most
+    :data:`MAX_WORKERS`."""
+    return max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+
+
+def _share_the_cores() -> None:
+    """Each test worker computes on its share of the cores, and so do the commands it starts
+    (``OMP_NUM_THREADS``): two workers of two threads each on two cores would wait on each other's
+    threads at every matrix product."""
+    workers = os.environ.get("PYTEST_XDIST_WORKER_COUNT")
+    if workers is None:  # one process (-n 0): torch's own default
+        return
+    threads = max(1, len(os.sched_getaffinity(0)) // int(workers))
+    torch.set_num_threads(threads)
+    os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
+_share_the_cores()
 
 
 def tiny_llama(seed: int = 0, **overrides) -> LoadedModel:

@@ -17,6 +17,9 @@ from mlflow.tracking import MlflowClient
 
 from framework.model.rope import lowest_frequency_dims
 
+# One worker: the default run is shared by the tests that read it
+pytestmark = pytest.mark.xdist_group("test_cli")
+
 SMALL_GRID = ["task.context_lengths=[256]", "task.depths=[0.2,0.8]", "task.samples_per_cell=2"]
 
 

@@ -14,6 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+# One worker: one tiny run of the script is shared by the tests that read it
+pytestmark = pytest.mark.xdist_group("test_gpu_check")
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.py"
 FAMILIES = {"llama31_8b", "qwen25_7b", "gemma2_9b"}

@@ -24,7 +24,8 @@ from framework_cli import TINY_GRID, environment, serving
 
 DETECTOR = ["+detector=attn_mass", "detector.threshold=null", "detector.top_k=5"]
 
-pytestmark = pytest.mark.e2e
+# One worker: its runs are shared by the tests that read them
+pytestmark = [pytest.mark.e2e, pytest.mark.xdist_group("test_notebook_api")]
 
 
 @pytest.fixture(scope="module")

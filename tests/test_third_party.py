@@ -13,6 +13,9 @@ from pathlib import Path
 import pytest
 from framework_cli import TINY_GRID, all_runs, environment, local_store, run
 
+# One worker: the example package is installed once for the module
+pytestmark = pytest.mark.xdist_group("test_third_party")
+
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "retrieval_heads_example"
 
 
