@@ -184,20 +184,21 @@ def run(
             outputs[BASELINE], context.outcomes[BASELINE] = _evaluate(BASELINE, model, task, samples, None, batch_size)
 
             if detector is not None:
-                detect_samples = estimate.detect_samples
-                dataset_inputs.log_samples(detect_samples, config["task"], "detect", config["detect_seed"])
-                steps.start("detection", f"{detector.name} on {len(detect_samples)} samples")
+                detect_samples = estimate.detect_samples  # empty when every detector brings its own
+                if detect_samples:
+                    dataset_inputs.log_samples(detect_samples, config["task"], "detect", config["detect_seed"])
+                steps.start("detection", f"{detector.name} on {detection.samples_detail(detector, detect_samples)}")
                 with labelled("detection"):
-                    context.head_scores = detector.detect(model, detect_samples)
-                detection.log_head_scores(context.head_scores, f"detector/{detector.name}")
+                    context.head_scores = detector.detect(model, [] if detector.own_samples else detect_samples)
+                detection.log_head_scores(context.head_scores, f"detector/{detector.name}", model.info.n_kv_heads)
                 mlflow.log_metrics({"heads/selected": len(context.head_scores.selected),
                                     "heads/selected_fraction": len(context.head_scores.selected) / context.head_scores.scores.size})
                 log.info("[detection] %d heads selected", len(context.head_scores.selected))
                 for key, other in extra_detectors.items():
-                    steps.start(f"detection ({key})", f"{other.name} on {len(detect_samples)} samples")
+                    steps.start(f"detection ({key})", f"{other.name} on {detection.samples_detail(other, detect_samples)}")
                     with labelled(f"detection ({key})"):
-                        context.detector_scores[key] = result = other.detect(model, detect_samples)
-                    detection.log_head_scores(result, f"detectors/{key}")
+                        context.detector_scores[key] = result = other.detect(model, [] if other.own_samples else detect_samples)
+                    detection.log_head_scores(result, f"detectors/{key}", model.info.n_kv_heads)
                     mlflow.log_metrics({f"detectors/{key}/{name}": value
                                         for name, value in detection.detector_agreement(context.head_scores, result).items()})
                 detection.detect_across_lengths(estimate.detect_samples_by_length, {"main": detector, **extra_detectors}, model)
