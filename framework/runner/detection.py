@@ -7,6 +7,14 @@ policies keep or drop under GQA); two detectors are compared by Spearman's rho o
 and the overlap of their selections. A detector that brings its own samples
 (:attr:`Detector.own_samples`) is announced as such and is not run again per length.
 
+Several detectors in one run (``detectors: {key: ...}``): every pair's agreement as two matrices,
+Spearman's rho of the scores and the Jaccard index of the selections, logged as the table
+``detectors/agreement.json`` and the figure ``detectors/agreement.png`` (the main detector under
+its own name). With ``per_detector: true`` each detector's selected heads also get the
+intervention and its matched control; ``detectors/causal.json`` then has a row per detector: its
+heads, the recall of baseline, treatment and control, and every test's paired p-value of the
+treatment against its control and against the baseline.
+
 Across lengths (are the heads found at 512 tokens the heads that retrieve at 8K?): with ``detect_lengths=[512, 2048, 8192]`` a run takes the task's detection samples at each length
 (the task's own grid of depths, one length at a time, ``detect_seed``; built by the planner) and
 runs its main detector and every extra detector there. Logged: per detector and length the scores, selection
@@ -29,7 +37,7 @@ import pandas as pd
 from scipy.stats import spearmanr
 
 from framework import plots
-from framework.interfaces import Detector, HeadScores, LoadedModel, Sample
+from framework.interfaces import BASELINE, Detector, HeadScores, LoadedModel, RunContext, Sample
 
 log = logging.getLogger(__name__)
 
@@ -131,3 +139,51 @@ def detect_across_lengths(
     mlflow.log_metrics(metrics)
     log.info("detection across lengths:\n%s", table.to_string(index=False))
     return table
+
+
+def agreement_matrices(results: Mapping[str, HeadScores]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Detectors x detectors (by key): Spearman's rho of the scores and Jaccard index of the selections."""
+    keys = list(results)
+    spearman = pd.DataFrame(np.eye(len(keys)), index=keys, columns=keys)
+    jaccard = spearman.copy()
+    for a, b in combinations(keys, 2):
+        agreement = detector_agreement(results[a], results[b])
+        spearman.loc[a, b] = spearman.loc[b, a] = agreement["spearman"]
+        jaccard.loc[a, b] = jaccard.loc[b, a] = agreement["jaccard"]
+    return spearman, jaccard
+
+
+def log_agreement(results: Mapping[str, HeadScores]) -> None:
+    """Log the agreement matrices of a run's detectors (nothing with fewer than three: the main
+    detector's agreement with one other is already logged as ``detectors/<key>/...``)."""
+    if len(results) < 3:
+        return
+    spearman, jaccard = agreement_matrices(results)
+    table = spearman.stack().rename("spearman").to_frame().join(jaccard.stack().rename("jaccard"))
+    mlflow.log_table(table.rename_axis(["detector", "versus"]).reset_index(), "detectors/agreement.json")
+    mlflow.log_figure(plots.agreement_heatmaps(spearman, jaccard), "detectors/agreement.png")
+    log.info("detector agreement (Spearman's rho of scores):\n%s", spearman.round(2).to_string())
+
+
+def causal_table(context: RunContext, main_key: str) -> pd.DataFrame:
+    """Per detector whose heads were intervened on: heads, recalls and paired p-values of its
+    treatment against its control and the baseline (one column per test)."""
+    labels = {main_key: "treatment"}
+    labels.update({c.label.removeprefix("treatment."): c.label for c in context.conditions
+                   if c.role == "treatment" and c.label.removeprefix("treatment.") in context.detector_scores})
+    edits = {c.label: c for c in context.conditions}
+    rows = []
+    for key, treatment in labels.items():
+        control = "control" + treatment.removeprefix("treatment")
+        result = context.head_scores if key == main_key else context.detector_scores[key]
+        row: dict[str, Any] = {"detector": key, "name": result.detector, "heads": len(edits[treatment].edit.heads),
+                               "recall_baseline": float(context.outcomes[BASELINE].mean()),
+                               "recall_treatment": float(context.outcomes[treatment].mean()),
+                               "recall_control": float(context.outcomes[control].mean())}
+        for metric, value in context.metrics.items():
+            test, _, rest = metric.partition("/")
+            for reference, column in ((control, "control"), (BASELINE, "baseline")):
+                if rest == f"{treatment}_vs_{reference}/p_value":
+                    row[f"{test}_p_vs_{column}"] = value
+        rows.append(row)
+    return pd.DataFrame(rows)
