@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from framework.interfaces import ConfigError
 from framework.runner import pipeline
 
-SMALL_TASK = ("task=passkey", "task.context_lengths=[200]", "task.depths=[0.5]", "task.samples_per_cell=3")
+SMALL_TASK = ("task=passkey", "task.context_lengths=[128]", "task.depths=[0.5]", "task.samples_per_cell=2", "task.max_new_tokens=6")
 OWN = ("detector.length=8", "detector.n_sequences=1", "detectors.echo.length=8", "detectors.echo.n_sequences=1")
 
 
