@@ -184,3 +184,14 @@ def test_duo_gates_loss_falls_where_streaming_loses_keys():
     assert max(curves["distill_loss"]) > 0  # streaming differs from full attention
     assert curves["loss"][-1] < curves["loss"][0]
     assert found.scores.shape == (3, 4) and (found.scores[:, 0] == found.scores[:, 1]).all()  # one gate per KV head
+
+
+def test_qrhead_reads_the_gold_document_of_multidoc_qa(compose_config):
+    from framework.model.loading import load_tokenizer
+
+    config = compose_config("task=multidoc_qa")
+    tokenizer = load_tokenizer(config["model"])
+    sample = create_plugin("task", config["task"]).build_samples(tokenizer, "detect", 1)[0]
+    gold = tokenizer.decode(sample.input_ids[sample.needle_span[0]:sample.needle_span[1]])
+    assert sample.answer in gold  # the span qrhead sums over is the document that answers the question
+    assert sample.context_span[0] < sample.needle_span[0] < sample.needle_span[1] <= sample.query_start
