@@ -71,3 +71,23 @@ def test_per_detector_needs_an_intervention_and_no_dose(compose_config):
     with pytest.raises(ConfigError, match="per_detector=true and dose"):
         pipeline.run(compose_config("+detector=qnorm", "+detector@detectors.echo=echo", "per_detector=true",
                                     "+intervention=head_mask", "dose.param=heads", "dose.values=[2,4]"))
+
+
+def test_per_detector_refuses_a_detector_that_selected_no_heads(compose_config):
+    import numpy as np
+    from conftest import tiny_llama
+
+    from framework.interfaces import HeadScores
+    from framework.registry import get_registry
+    from framework.runner.conditions import Plan
+
+    loaded = tiny_llama()
+    config = compose_config("+detector=qnorm", "+detector@detectors.echo=echo", "per_detector=true",
+                            "+intervention=head_mask")
+    plan = Plan.from_config(config, get_registry(), loaded.info)
+    assert plan.n_conditions == 4
+    main = HeadScores("qnorm", np.zeros((3, 4)), [(0, 1)])
+    with pytest.raises(ConfigError, match="detector 'echo' selected no heads"):
+        plan.conditions(loaded, main, 0, {"echo": HeadScores("echo", np.zeros((3, 4)), [])})
+    labels = [c.label for c in plan.conditions(loaded, main, 0, {"echo": HeadScores("echo", np.zeros((3, 4)), [(1, 2)])})]
+    assert labels == ["treatment", "control", "treatment.echo", "control.echo"]

@@ -114,6 +114,8 @@ class Plan:
             ]
         for key in self.per_detector:
             other = (detector_scores or {})[key].selected
+            if not other:
+                raise ConfigError(f"per_detector: detector {key!r} selected no heads; lower its threshold or set its top_k")
             planned += [
                 Condition(f"treatment.{key}", "treatment", name, self.intervention.treatment(model, other)),
                 Condition(f"control.{key}", "control", name,
