@@ -64,6 +64,7 @@ from framework.prompts import (
     word_recall,
 )
 from framework.registry import create_plugin
+from framework.repeats import PreviousOccurrence
 from framework.runner.progress import Progress, track
 from framework.statistics import cohens_d, cohens_dz, mcnemar_exact
 
@@ -82,6 +83,8 @@ __all__ = [
     "last_raw_dims", "random_raw_dims", "check_dim_count", "check_raw_count",
     # head selection
     "select_heads", "check_selection", "random_heads_matched_per_layer", "layer_groups_by_type",
+    # detectors' building blocks
+    "PreviousOccurrence",
     # prompts, samples and scores for tasks
     "chat_frame", "token_span", "encode", "chat_sample", "PositionedTask", "word_recall", "is_whole", "check_count",
     "read_haystack", "read_needles",

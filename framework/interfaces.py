@@ -126,13 +126,18 @@ class Detector(ABC):
 
     name: ClassVar[str]
     """The name it is registered under: the option in the ``detector`` config group (``+detector=<name>``); results it returns carry it."""
+    own_samples: ClassVar[bool] = False
+    """True for a detector that makes its own inputs (e.g. repeated random tokens) and ignores the
+    task's: the run then neither builds nor logs detection samples for it, announces it as running
+    on its own samples, passes it an empty list, and does not run it again per ``detect_lengths``."""
 
     def validate(self, info: ModelInfo) -> None:
         """Raise :class:`ConfigError` for parameters impossible on this model (no weights yet)."""
 
     @abstractmethod
     def detect(self, model: LoadedModel, samples: list[Sample]) -> HeadScores:
-        """Score all heads on ``samples`` (drawn with a different seed than evaluation)."""
+        """Score all heads on ``samples`` (drawn with a different seed than evaluation; empty for a
+        detector with :attr:`own_samples`)."""
 
 
 class Intervention(ABC):

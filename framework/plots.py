@@ -72,3 +72,15 @@ def recall_by_length_and_depth(table: pd.DataFrame, max_panels: int = 12, column
     fig.colorbar(axes.flat[0].collections[0], ax=axes, label="recall", shrink=0.8)
     fig.suptitle("Recall by context length and needle depth")
     return fig
+
+
+def agreement_heatmaps(spearman: pd.DataFrame, jaccard: pd.DataFrame) -> plt.Figure:
+    """Detectors x detectors: Spearman's rho of their head scores and the Jaccard index of their selections, side by side."""
+    size = max(4.0, 0.7 * len(spearman) + 2)
+    fig, axes = plt.subplots(1, 2, figsize=(2 * size, size))
+    sns.heatmap(spearman, ax=axes[0], cmap="coolwarm", vmin=-1, vmax=1, annot=True, fmt=".2f", square=True)
+    axes[0].set(title="Spearman's rho of the head scores")
+    sns.heatmap(jaccard, ax=axes[1], cmap="viridis", vmin=0, vmax=1, annot=True, fmt=".2f", square=True)
+    axes[1].set(title="Jaccard index of the selected heads")
+    fig.tight_layout()
+    return fig

@@ -423,6 +423,9 @@ def _detection(name: str, detector: Detector, samples: list[Sample], sliding: bo
     kind = getattr(detector, "name", "")
     if kind == "qnorm":
         return step
+    if detector.own_samples:
+        notes.append(f"{name}: detector {kind!r} makes its own samples; their cost is not priced")
+        return step
     for sample in samples:
         if kind == "retrieval_score":
             _add_prefill(step, 1, len(sample.input_ids) - 1, sliding, cal)
@@ -480,7 +483,8 @@ def estimate_run(
         raise ConfigError("detect_lengths runs the detector at each length: add +detector=<name>")
     tokenizer = load_tokenizer(spec)
     samples = task.build_samples(tokenizer, "eval", config["seed"])
-    detect = task.build_samples(tokenizer, "detect", config["detect_seed"]) if detector is not None else []
+    reads_samples = any(not d.own_samples for d in (detector, *extra_detectors.values()) if d is not None)
+    detect = task.build_samples(tokenizer, "detect", config["detect_seed"]) if reads_samples or n_treatments else []
     by_length = {int(length): registry.create("task", {**config["task"], "context_lengths": [int(length)]})
                  .build_samples(tokenizer, "detect", config["detect_seed"]) for length in config.get("detect_lengths") or []}
     everything = samples + detect + [s for at_length in by_length.values() for s in at_length]
@@ -497,9 +501,9 @@ def estimate_run(
     steps = [_generation("baseline", samples, batch_size, new_tokens, sliding, cal)]
     for key, plugin in ([("detection", detector)] if detector is not None else []) + \
             [(f"detection ({k})", d) for k, d in extra_detectors.items()]:
-        steps.append(_detection(key, plugin, detect, sliding, cal, notes))
+        steps.append(_detection(key, plugin, [] if plugin.own_samples else detect, sliding, cal, notes))
     for length, detect_at in by_length.items():
-        for key, plugin in [("main", detector), *extra_detectors.items()]:
+        for key, plugin in [(k, d) for k, d in [("main", detector), *extra_detectors.items()] if not d.own_samples]:
             steps.append(_detection(f"detection {key} @ {length}", plugin, detect_at, sliding, cal, notes))
     if n_treatments:  # every condition generates on the same samples: one step's work, n times
         each = _generation(f"{n_treatments} conditions", samples, batch_size, new_tokens, sliding, cal)

@@ -16,13 +16,16 @@ Every condition is an :class:`AttentionEdit` evaluated on the same samples as th
   random head sets matched per layer), whose recalls form the null distribution the
   treatment's recall is tested against (seed 000's layer-clustered permutation);
 * ``conditions: {label: intervention}``: further interventions on the same heads, each
-  evaluated as the condition ``label`` (e.g. Chiang & Yogatama's first/last-n dims grid).
+  evaluated as the condition ``label`` (e.g. Chiang & Yogatama's first/last-n dims grid);
+* ``per_detector: true``: the intervention's treatment and matched control on each extra
+  detector's selected heads too (``detectors: {key: ...}``), labelled ``treatment.<key>`` /
+  ``control.<key>``: a causal check of every detector in one run (``detector_comparison``).
 """
 
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Mapping, get_args, get_type_hints
 
 import numpy as np
@@ -44,6 +47,7 @@ class Plan:
     dose_param: str | None
     controls: int
     extras: dict[str, Intervention]
+    per_detector: list[str] = field(default_factory=list)  # extra detectors' keys whose heads get a pair too
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any], registry: Registry, info: ModelInfo) -> Plan:
@@ -63,7 +67,13 @@ class Plan:
                 raise ConfigError(f"condition label {label!r} is reserved; choose another")
             extras[label] = registry.create("intervention", node)
             extras[label].validate(info)
-        return cls(intervention, doses, dose_param, controls, extras)
+        per_detector = list(config.get("detectors") or {}) if config.get("per_detector") else []
+        if per_detector and doses:
+            raise ConfigError("per_detector=true and dose act on different head sets: run them apart")
+        for key in per_detector:
+            if f"treatment.{key}" in extras or f"control.{key}" in extras:
+                raise ConfigError(f"detector key {key!r} clashes with a condition label; rename one")
+        return cls(intervention, doses, dose_param, controls, extras, per_detector)
 
     @property
     def dose_label(self) -> str:
@@ -74,14 +84,16 @@ class Plan:
 
     @property
     def n_conditions(self) -> int:
-        return 2 * max(1, len(self.doses)) + len(self.extras) + self.controls
+        return 2 * max(1, len(self.doses)) + 2 * len(self.per_detector) + len(self.extras) + self.controls
 
     def prepare(self, model: LoadedModel, samples: list[Sample]) -> None:
         for intervention in (self.intervention, *self.extras.values()):
             intervention.prepare(model, samples)
 
-    def conditions(self, model: LoadedModel, scores: HeadScores, control_seed: int) -> list[Condition]:
-        """Every condition of the run, in evaluation order (nulls last)."""
+    def conditions(self, model: LoadedModel, scores: HeadScores, control_seed: int,
+                   detector_scores: Mapping[str, HeadScores] | None = None) -> list[Condition]:
+        """Every condition of the run, in evaluation order (nulls last); ``detector_scores``: the
+        extra detectors' results, by key, for ``per_detector``."""
         heads, name = scores.selected, self.intervention.name
         planned = []
         if self.doses:
@@ -99,6 +111,15 @@ class Plan:
             planned += [
                 Condition("treatment", "treatment", name, reference.treatment(model, heads)),
                 Condition("control", "control", name, reference.control(model, heads, np.random.default_rng(control_seed))),
+            ]
+        for key in self.per_detector:
+            other = (detector_scores or {})[key].selected
+            if not other:
+                raise ConfigError(f"per_detector: detector {key!r} selected no heads; lower its threshold or set its top_k")
+            planned += [
+                Condition(f"treatment.{key}", "treatment", name, self.intervention.treatment(model, other)),
+                Condition(f"control.{key}", "control", name,
+                          self.intervention.control(model, other, np.random.default_rng(control_seed))),
             ]
         planned += [Condition(label, "extra", extra.name, extra.treatment(model, heads)) for label, extra in self.extras.items()]
         planned += [

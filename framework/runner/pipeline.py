@@ -148,8 +148,9 @@ def run(
         needs = (f"intervention {config['intervention']['name']!r} needs heads to act on" if config.get("intervention")
                  else "extra detectors are compared with a main detector")
         raise ConfigError(f"{needs}: add +detector=<name> (available: {', '.join(registry.names('detector'))})")
-    if config.get("intervention") is None and (is_dosed(config) or config.get("controls") or config.get("conditions")):
-        raise ConfigError("dose, controls and conditions act on an intervention: add +intervention=<name> "
+    if config.get("intervention") is None and (is_dosed(config) or config.get("controls") or config.get("conditions")
+                                              or config.get("per_detector")):
+        raise ConfigError("dose, controls, conditions and per_detector act on an intervention: add +intervention=<name> "
                           f"(available: {', '.join(registry.names('intervention'))})")
     if config["detect_seed"] == config["seed"]:
         raise ConfigError("detect_seed must differ from seed: detection and evaluation need different samples")
@@ -184,22 +185,25 @@ def run(
             outputs[BASELINE], context.outcomes[BASELINE] = _evaluate(BASELINE, model, task, samples, None, batch_size)
 
             if detector is not None:
-                detect_samples = estimate.detect_samples
-                dataset_inputs.log_samples(detect_samples, config["task"], "detect", config["detect_seed"])
-                steps.start("detection", f"{detector.name} on {len(detect_samples)} samples")
+                detect_samples = estimate.detect_samples  # empty when every detector brings its own
+                if detect_samples:
+                    dataset_inputs.log_samples(detect_samples, config["task"], "detect", config["detect_seed"])
+                steps.start("detection", f"{detector.name} on {detection.samples_detail(detector, detect_samples)}")
                 with labelled("detection"):
-                    context.head_scores = detector.detect(model, detect_samples)
-                detection.log_head_scores(context.head_scores, f"detector/{detector.name}")
+                    context.head_scores = detector.detect(model, [] if detector.own_samples else detect_samples)
+                detection.log_head_scores(context.head_scores, f"detector/{detector.name}", model.info.n_kv_heads)
                 mlflow.log_metrics({"heads/selected": len(context.head_scores.selected),
                                     "heads/selected_fraction": len(context.head_scores.selected) / context.head_scores.scores.size})
                 log.info("[detection] %d heads selected", len(context.head_scores.selected))
                 for key, other in extra_detectors.items():
-                    steps.start(f"detection ({key})", f"{other.name} on {len(detect_samples)} samples")
+                    steps.start(f"detection ({key})", f"{other.name} on {detection.samples_detail(other, detect_samples)}")
                     with labelled(f"detection ({key})"):
-                        context.detector_scores[key] = result = other.detect(model, detect_samples)
-                    detection.log_head_scores(result, f"detectors/{key}")
+                        context.detector_scores[key] = result = other.detect(model, [] if other.own_samples else detect_samples)
+                    detection.log_head_scores(result, f"detectors/{key}", model.info.n_kv_heads)
                     mlflow.log_metrics({f"detectors/{key}/{name}": value
                                         for name, value in detection.detector_agreement(context.head_scores, result).items()})
+                if context.detector_scores:
+                    detection.log_agreement({detector.name: context.head_scores, **context.detector_scores})
                 detection.detect_across_lengths(estimate.detect_samples_by_length, {"main": detector, **extra_detectors}, model)
                 if plan is not None and not context.head_scores.selected:
                     raise ConfigError(
@@ -210,7 +214,8 @@ def run(
             if plan is not None:
                 with labelled("prepare"):
                     plan.prepare(model, detect_samples)
-                context.conditions.extend(plan.conditions(model, context.head_scores, config["control_seed"]))
+                context.conditions.extend(plan.conditions(model, context.head_scores, config["control_seed"],
+                                                          context.detector_scores))
                 mlflow.log_dict({c.label: c.describe() for c in context.conditions}, "intervention/edits.json")
                 for condition in context.conditions:
                     steps.start(condition.label, f"{condition.intervention} on {len(condition.edit.heads)} heads, "
@@ -231,6 +236,10 @@ def run(
 
         context.metrics.update(_test_comparisons(context, stats, comparisons(context.conditions)))
         context.metrics.update(_null_metrics(context))
+        if plan is not None and plan.per_detector:
+            causal = detection.causal_table(context, detector.name)
+            mlflow.log_table(causal, "detectors/causal.json")
+            log.info("causal check per detector:\n%s", causal.to_string(index=False))
         if config.get("claim"):
             from framework.analysis.claims import CLAIMS
 

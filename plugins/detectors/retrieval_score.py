@@ -13,6 +13,13 @@ needle tokens the head copied, a set, so each needle position counts once per tr
 the score then lies in [0, 1]). The released code adds 1/|k| at every copying step instead, so
 a position copied twice counts twice: ``unique_positions: false`` reproduces that.
 
+Mode (``mode``): ``top1_copy`` (default) is Wu et al.'s copy test above. ``topk_mass`` is HeadKV's
+retrieval-reasoning score (FYYFU/HeadKV, ``Important_Head/retrieval_head_detection_r2.py``,
+``retrieval_calculate``): at every decode step each head's k most attended positions are taken,
+k the span's token length, and the attention weights of those inside the span are added, divided
+by k; no token has to match. A trial's score is the sum over its steps; trials are kept by the
+same recall rule (HeadKV: F1 > 50 %, with its QA F1 as the task's score here) and averaged.
+
 Span (``span``): Wu et al. use the needle sentence, which their models copy whole; our NIAH
 answer copies only the value, so the default is the answer's tokens (``Sample.answer_span``,
 falling back to ``needle_span`` for tasks without one); ``needle`` takes the whole needle. The
@@ -22,7 +29,7 @@ score is normalised by the span's token length. Scores are averaged over the kep
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -47,6 +54,8 @@ from framework.api import (
 
 log = logging.getLogger(__name__)
 SPANS = ("answer", "needle")
+MODES = ("top1_copy", "topk_mass")
+RowReduce = Callable[[torch.Tensor, int], torch.Tensor]  # (row [heads, keys], its first key's position) -> [heads]
 
 
 def copy_scores(
@@ -73,17 +82,35 @@ def copy_scores(
     return hit.sum(axis=-1) / (end - start)
 
 
-def greedy_top1(model: LoadedModel, input_ids: Sequence[int], max_new_tokens: int) -> tuple[list[int], np.ndarray]:
+def top1_position(row: torch.Tensor, first: int) -> torch.Tensor:
+    """Each head's most attended absolute position, from its attention ``row`` [heads, keys]
+    whose first key sits at position ``first``."""
+    return row.argmax(dim=-1) + first
+
+
+def topk_mass(row: torch.Tensor, first: int, span: tuple[int, int]) -> torch.Tensor:
+    """HeadKV's step score per head: of the k = len(span) most attended keys, the attention
+    weight of those inside ``span``, summed and divided by k (``row`` [heads, keys] as in
+    :func:`top1_position`)."""
+    k = span[1] - span[0]
+    values, index = row.float().topk(min(k, row.shape[-1]), dim=-1)
+    position = index + first
+    return (values * ((position >= span[0]) & (position < span[1]))).sum(-1) / k
+
+
+def greedy_rows(model: LoadedModel, input_ids: Sequence[int], max_new_tokens: int,
+                reduce: RowReduce = top1_position) -> tuple[list[int], np.ndarray]:
     """Greedy tokens (stopping after an end-of-sequence token) and, per token, every head's
-    top-1 attended position in the pass that produced it: [steps, layers, heads].
+    ``reduce`` of its attention row in the pass that produced it: [steps, layers, heads] (by
+    default the top-1 attended position).
 
     Positions are absolute: a sliding-window layer's cache holds only the latest keys, so its
     row's index j is the key at position ``query + 1 - len(row) + j`` (0 offset on full layers)."""
-    top1 = torch.zeros(model.info.n_layers, model.info.n_heads, dtype=torch.long, device=model.device)
+    reduced = torch.zeros(model.info.n_layers, model.info.n_heads, dtype=torch.float64, device=model.device)
     query = [len(input_ids) - 1]  # the position of the token fed in the current decode step
 
     def sink(layer: int, probs: torch.Tensor) -> None:
-        top1[layer] = probs[0, :, 0].argmax(dim=-1) + (query[0] + 1 - probs.shape[-1])
+        reduced[layer] = reduce(probs[0, :, 0], query[0] + 1 - probs.shape[-1]).double()
 
     stop = model.model.generation_config.eos_token_id
     stop = set(stop if isinstance(stop, list) else [stop])
@@ -97,11 +124,17 @@ def greedy_top1(model: LoadedModel, input_ids: Sequence[int], max_new_tokens: in
             out = model.model(input_ids=torch.tensor([[token]], device=model.device), cache=cache, use_cache=True)
             cache, token = out.cache, int(out.logits[0, -1].argmax())
             tokens.append(token)
-            steps.append(top1.cpu().numpy().copy())
+            steps.append(reduced.cpu().numpy().copy())
             query[0] += 1
             if token in stop:
                 break
     return tokens, np.stack(steps)
+
+
+def greedy_top1(model: LoadedModel, input_ids: Sequence[int], max_new_tokens: int) -> tuple[list[int], np.ndarray]:
+    """Greedy tokens and every head's top-1 attended absolute position per token [steps, layers, heads]."""
+    tokens, top1 = greedy_rows(model, input_ids, max_new_tokens)
+    return tokens, top1.astype(np.int64)
 
 
 class RetrievalScore(Detector):
@@ -114,7 +147,10 @@ class RetrievalScore(Detector):
         unique_positions: bool = True,
         max_new_tokens: int | None = None,
         task: Task | Mapping[str, Any] | None = None,
+        mode: str = "top1_copy",
     ):
+        if mode not in MODES:
+            raise ConfigError(f"mode={mode!r} is unknown; choose one of {MODES}")
         if span not in SPANS:
             raise ConfigError(f"span={span!r} is unknown; choose one of {SPANS}")
         if max_new_tokens is not None and max_new_tokens < 1:
@@ -124,6 +160,7 @@ class RetrievalScore(Detector):
         self.threshold = threshold
         self.top_k = top_k
         self.span = span
+        self.mode = mode
         self.min_recall = min_recall
         self.unique_positions = unique_positions
         # the run's task (its score() is the recall; its max_new_tokens the decode length)
@@ -139,10 +176,15 @@ class RetrievalScore(Detector):
 
     def trial(self, model: LoadedModel, sample: Sample) -> tuple[np.ndarray, str]:
         """One needle trial: [layers, heads] scores and the generated text."""
-        tokens, top1 = greedy_top1(model, sample.input_ids, self.max_new_tokens)
         span = sample.answer_span if self.span == "answer" and sample.answer_span else sample.needle_span
+        if self.mode == "topk_mass" and span[1] > span[0]:
+            tokens, mass = greedy_rows(model, sample.input_ids, self.max_new_tokens, lambda row, first: topk_mass(row, first, span))
+            scores = mass.sum(axis=0)
+        else:
+            tokens, top1 = greedy_top1(model, sample.input_ids, self.max_new_tokens)
+            scores = copy_scores(top1, tokens, sample.input_ids, span, self.unique_positions)
         output = model.tokenizer.decode(tokens, skip_special_tokens=True) if model.tokenizer else ""
-        return copy_scores(top1, tokens, sample.input_ids, span, self.unique_positions), output
+        return scores, output
 
     def detect(self, model: LoadedModel, samples: list[Sample]) -> HeadScores:
         trials = [self.trial(model, s) for s in track(samples)]
