@@ -116,11 +116,15 @@ class Comparison:
             n += 1
         return n if n <= _MAX_SAMPLES else None
 
+    @property
+    def design(self) -> str:
+        if self.draws:
+            return f"null of {self.draws} random draws"
+        return f"exact McNemar on {self.samples} pairs" + (f", Holm over {self.family}" if self.family > 1 else "")
+
     def describe(self) -> str:
         treatment, reference = self.effect
-        design = (f"null of {self.draws} random draws" if self.draws
-                  else f"exact McNemar on {self.samples} pairs" + (f", Holm over {self.family}" if self.family > 1 else ""))
-        return (f"{self.test} ({design}): smallest reachable p {self.min_p():.3g}; power {self.power():.2f} "
+        return (f"{self.test} ({self.design}): smallest reachable p {self.min_p():.3g}; power {self.power():.2f} "
                 f"at the seed's recall {treatment:.2f} vs {reference:.2f}")
 
     def params(self) -> dict[str, Any]:
@@ -161,13 +165,13 @@ def check(config: Mapping[str, Any], found: list[Comparison]) -> str | None:
     for c in short:
         needed, powered = c.samples_needed(), c.samples_needed(POWER_TARGET)
         if c.draws:
-            fix = f"{math.ceil(1 / ALPHA)} draws or more would (raise controls)"
+            fix = f"a null of {math.ceil(1 / ALPHA)} draws or more would make it reachable (raise controls)"
         else:
             fix = (f"{needed} evaluation samples would make it reachable" if needed else "no sample size up to "
                    f"{_MAX_SAMPLES} would") + (f", {powered} give {POWER_TARGET:.0%} power at the seed's effect"
                                                if powered else "")
         reasons.append(f"{c.test} has {c.samples} samples, so its smallest reachable p is {c.min_p():.3g}, not below "
-                       f"{ALPHA} ({c.describe().split(': ')[0]}); {fix}")
+                       f"{ALPHA} ({c.design}); {fix}")
     message = (f"claim {config['claim']!r} cannot reach its verdict with this design: {'; '.join(reasons)}. "
                "Add samples (e.g. task.samples_per_cell) or set allow_underpowered=true to run it anyway")
     if config.get("allow_underpowered") or config.get("dry_run"):
