@@ -5,7 +5,8 @@ folder; printed per case: the exit code, the wall time, the last line of its out
 
 Cases: a tracking server that does not answer; a 4K dry run; claim 4 at one sample per cell
 (refused: its smallest reachable p), then the same with ``allow_underpowered=true`` (a real run,
-which dequantises and calibrates first); then the default run, whose ``estimate/time_ratio``
+which dequantises and calibrates first); then the README's main job (``+detector=attn_mass
++intervention=zero_lowfreq``), whose ``estimate/time_ratio``
 and ``estimate/memory_ratio`` are printed. The load average is printed with each case: on a
 shared machine the times depend on it.
 
@@ -32,7 +33,7 @@ CASES = {
     "dry": ([], ["dry_run=true", "task.context_lengths=[4096]"]),
     "claim": ([], CLAIM4_ONE_PER_CELL),
     "claim_run": ([], [*CLAIM4_ONE_PER_CELL, "allow_underpowered=true"]),
-    "default": ([], []),
+    "default": ([], ["+detector=attn_mass", "+intervention=zero_lowfreq"]),  # the README's first command
 }
 
 
@@ -48,7 +49,7 @@ def run_case(name: str, cwd: Path, cache: Path) -> None:
     lines = [line for line in (result.stderr + result.stdout).splitlines() if line.strip()]
     last = next((line for line in lines if line.startswith("error:")), lines[-1] if lines else "")
     folders = sorted(p.name for p in cache.iterdir() if p.is_dir() and p.name not in ("cost", "gguf")) if cache.exists() else []
-    print(f"\n== {name}: {' '.join(settings + overrides) or '(the default run)'}")
+    print(f"\n== {name}: {' '.join(settings + overrides) or '(no overrides)'}")
     print(f"exit {result.returncode} after {seconds:.1f} s (load average {load:.1f} at the start, "
           f"{os.getloadavg()[0]:.1f} at the end on {os.cpu_count()} cores); model folders in the cache: {folders or 'none'}")
     print(f"  {last}")
@@ -63,6 +64,7 @@ def run_case(name: str, cwd: Path, cache: Path) -> None:
               f"actual {metrics['actual/seconds']:.1f} s: time ratio {metrics['estimate/time_ratio']:.2f}; memory ratio "
               f"{metrics['estimate/memory_ratio']:.2f}; underpowered tag: {tags.get('underpowered', 'no')}; "
               f"claim/verdict {metrics.get('claim/verdict', 'none')}")
+    sys.stdout.flush()  # each case as it ends: the output often goes to a file
 
 
 def main() -> None:

@@ -691,7 +691,7 @@ def _dry_run_calibration(spec: Mapping[str, Any], model_cfg: Any, longest: int, 
     """A dry run's calibration, never loading weights: the cached one (extrapolated beyond its
     lengths), or without one an estimate from the architecture."""
     notes = []
-    if intact_cache(spec) is None and spec.get("gguf_package"):
+    if spec.get("gguf_package") and intact_cache(spec) is None:
         notes.append(f"{spec['name']} is not in the model cache yet: a real run dequantises it first (not priced)")
     cal = cached_calibration(spec)
     command = f"python -m framework.planning calibrate model={spec['name']} --up-to {max(longest, 2048)}"
