@@ -147,6 +147,12 @@ def _dequantised_dir(spec: Mapping[str, Any]) -> Path:
     return target
 
 
+def prepare_source(spec: Mapping[str, Any]) -> None:
+    """Make the model's weights loadable: an embedded model is dequantised into the cache once
+    (or rebuilt there if damaged), so that timing a load afterwards times the load alone."""
+    _source(spec)
+
+
 def _source(spec: Mapping[str, Any]) -> tuple[str | Path, dict[str, Any]]:
     if spec.get("hub_id"):
         return spec["hub_id"], {"revision": spec.get("revision")}

@@ -58,6 +58,7 @@ from framework.model.loading import (
     load_model,
     load_tokenizer,
     model_config,
+    prepare_source,
     resolve_device,
     resolve_dtype,
 )
@@ -397,6 +398,7 @@ def calibrate(spec: Mapping[str, Any], longest: int = 0, limit: int = 0) -> Cali
     log.warning("cost calibration: %s on %s (%s, %d threads): loading it once for %d forward passes up to %d tokens%s; "
                 "cached in %s", spec["name"], device.type, dtype, torch.get_num_threads(), len(todo),
                 max(n for _, n in shapes), f" ({len(resumed)} kept from an interrupted calibration)" if resumed else "", path)
+    prepare_source(spec)  # a first dequantisation is not what later loads cost
     _trim()
     before = memory_now(device)
     reset_peak(device)
