@@ -129,8 +129,9 @@ def test_a_run_on_a_slower_machine_scales_its_estimate(monkeypatch):
         return planner.Estimate(model="m", device="cpu", dtype="float32", conditions=1, samples=2,
                                 steps=[planner.Step("baseline", 2, seconds=10.0), planner.Step("detection", 2, seconds=4.0)],
                                 load_seconds=1.0, base_bytes=0, weights_bytes=0, load_peak_bytes=0, bookkeeping_seconds=3.0,
-                                reference_seconds=0.2, watch=planner.Stopwatch(torch.device("cpu")))
+                                reference_seconds=0.2, calibration_load=2.0, watch=planner.Stopwatch(torch.device("cpu")))
 
+    monkeypatch.setattr(planner, "machine_load", lambda: {"load_average": 6.0, "cores": 2, "threads": 2})
     monkeypatch.setattr(planner, "reference_pass", lambda model, device: 0.5)  # the machine runs at 2/5 its speed
     slower = estimate()
     assert planner.rescale(slower, model=None) == pytest.approx(2.5)
@@ -139,6 +140,13 @@ def test_a_run_on_a_slower_machine_scales_its_estimate(monkeypatch):
     monkeypatch.setattr(planner, "reference_pass", lambda model, device: 0.21)  # within the noise: unchanged
     same = estimate()
     assert planner.rescale(same, model=None) == 1.0 and same.seconds == pytest.approx(18.0)
+    # a slow pass while the load average is lower than at calibration: a passing moment, not a slower machine
+    monkeypatch.setattr(planner, "machine_load", lambda: {"load_average": 1.0, "cores": 2, "threads": 2})
+    monkeypatch.setattr(planner, "reference_pass", lambda model, device: 0.5)
+    spike = estimate()
+    assert planner.rescale(spike, model=None) == 1.0 and spike.seconds == pytest.approx(18.0)
+    monkeypatch.setattr(planner, "reference_pass", lambda model, device: 0.1)  # faster, and the load agrees
+    assert planner.rescale(estimate(), model=None) == pytest.approx(0.5)
 
 
 def test_the_reference_pass_and_the_probe_run_on_random_tensors_and_a_tiny_model():

@@ -499,6 +499,7 @@ class Estimate:
     design: list[str] = field(default_factory=list)  # the claim's comparisons: smallest reachable p and power
     machine_factor: float = 1.0  # the model's times scaled by this (the machine slower or faster than at calibration)
     reference_seconds: float = 0.0  # the calibration's typical reference pass (0: none recorded)
+    calibration_load: float = 0.0  # the 1-minute load average at the calibration's points (median)
     calibration: str = "measured"  # or "architecture" (a dry run without a calibration)
     model_seconds_range: tuple[float, float] | None = None  # extrapolated: the model time across leave-one-out refits
     bookkeeping_seconds: float | None = None  # None until a run finished on this machine
@@ -765,6 +766,7 @@ def estimate_run(
         load_peak_bytes=cal.load_peak_bytes, notes=notes, bookkeeping_steps=counted, bookkeeping_seconds=bookkeeping,
         design=design or [], calibration=cal.source, model_seconds_range=model_seconds,
         reference_seconds=cal.reference_seconds,
+        calibration_load=float(np.median([p.get("load_average", cal.load_average) for p in cal.points] or [cal.load_average])),
     )
     estimate.watch = start_measuring(device)
     estimate.base_bytes = memory_now(device)
@@ -796,24 +798,28 @@ def log_estimate(estimate: Estimate) -> None:
 
 def rescale(estimate: Estimate, model: Any) -> float:
     """Scale the estimate's forward passes by how much slower (or faster) the machine runs the
-    loaded model now than at calibration: the reference pass now over the calibration's (1
-    within MACHINE_FACTOR_DEADBAND, noise). Logged as ``estimate.machine_factor`` and
-    ``estimate.scaled_seconds``; the run's ``estimate/time_ratio`` is against the scaled estimate."""
+    loaded model now than at calibration: the reference pass now over the calibration's. A pass
+    is one moment, so the factor applies only where the 1-minute load average agrees (higher
+    now for a slower pass, lower for a faster one) and outside MACHINE_FACTOR_DEADBAND (noise);
+    else 1. Logged as ``estimate.machine_factor`` and ``estimate.scaled_seconds``; the run's
+    ``estimate/time_ratio`` is against the scaled estimate."""
     if not estimate.reference_seconds:
         return 1.0
     now = reference_pass(model, estimate.watch.device)
     ratio = now / estimate.reference_seconds
     load = machine_load()
-    factor = ratio if abs(ratio - 1) > MACHINE_FACTOR_DEADBAND else 1.0
+    agrees = load["load_average"] > estimate.calibration_load if ratio > 1 else load["load_average"] < estimate.calibration_load
+    factor = ratio if abs(ratio - 1) > MACHINE_FACTOR_DEADBAND and agrees else 1.0
     before = estimate.seconds
     for step in estimate.steps:
         step.seconds *= factor
     estimate.machine_factor = factor
     mlflow.log_params({"estimate.machine_factor": round(factor, 3), "estimate.scaled_seconds": round(estimate.seconds, 1),
                        "estimate.load_average": load["load_average"]})
-    log.info("reference pass: %.3f s, x%.2f its time at calibration (load %.1f on %d cores, %d threads)%s", now, ratio,
-             load["load_average"], load["cores"], load["threads"],
-             f": estimate scaled from {_duration(before)} to {_duration(estimate.seconds)}" if factor != 1.0 else "")
+    log.info("reference pass: %.3f s, x%.2f its time at calibration (load %.1f on %d cores, %d threads; %.1f at "
+             "calibration)%s", now, ratio, load["load_average"], load["cores"], load["threads"], estimate.calibration_load,
+             f": estimate scaled from {_duration(before)} to {_duration(estimate.seconds)}" if factor != 1.0
+             else ": estimate kept" + ("" if abs(ratio - 1) <= MACHINE_FACTOR_DEADBAND else ", the load average does not agree"))
     return factor
 
 
