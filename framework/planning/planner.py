@@ -16,10 +16,18 @@ condition), and prices them with a cost model of the model on this device:
   KV cache, masks), or the peak of loading, whichever is larger.
 
 The coefficients are measured once per model, device, dtype and thread count by a calibration
-of a few short forward passes (:func:`calibrate`, logged as it happens) and cached as JSON in
-``<model cache>/cost/``. A run longer than 1.5x the longest calibrated pass first extends the
-calibration with single passes at doubling lengths up to its own (at most ``LONG_CALIBRATION_CAP``
-tokens), so that the quadratic attention term is measured where it dominates, not extrapolated.
+of a few short forward passes (:func:`calibrate`, logged point by point, each point kept as it is
+measured so that an interrupted calibration resumes; ``python -m framework.planning calibrate``)
+and cached as JSON in ``<model cache>/cost/``. A run longer than 1.5x the longest calibrated pass
+first extends the calibration with single passes at doubling lengths up to its own (at most
+``LONG_CALIBRATION_CAP`` tokens), so that the quadratic attention term is measured where it
+dominates, not extrapolated. Each point records the machine's load and a reference pass (a
+256-token prefill) timed just before it: points are scaled by their reference pass, points
+measured while other work kept every core busy are flagged and measured again on a quiet
+machine, and a real run times the reference pass again once its model is loaded and scales its
+estimate (:func:`rescale`). A dry run never loads weights: it extrapolates a short calibration
+(with the range of leave-one-out refits) or, without one, prices from the architecture
+(:func:`architecture_calibration`).
 
 What is not a forward pass (loading, MLflow logging, tables, figures, statistics) is priced as
 *bookkeeping*: ``b0 + b1 * steps``, fitted on the runs this machine finished before (each run
