@@ -4,8 +4,11 @@ For each context length, one real run of the embedded model in a fresh process (
 MLflow store): a NIAH baseline and attention-mass detection at that length. Each run logs the
 planner's estimate (``estimate.seconds``, ``estimate.peak_memory_gib``) before it starts and its
 actual wall time and peak memory at its end (``actual/*``, ``estimate/*_ratio``); this script
-prints them side by side. The cost calibration is the cached one (``--recalibrate`` measures it
-again first, in a dry run); the planner extends it on its own when a run is longer. The planner
+prints them side by side, with the factor by which each run scaled its estimate after timing the
+reference pass (``estimate.machine_factor``: the machine slower or faster than at calibration)
+and the load average. The ratios are against the scaled estimate. The cost calibration is the
+cached one (``--recalibrate`` measures it again first, with ``python -m framework.planning
+calibrate``); the planner extends it on its own when a run is longer. The planner
 prices bookkeeping (logging, figures) from the runs finished before on this machine, so one
 short unmeasured run goes first, as a user's first run would. Targets on a 2-core CPU: time
 within +-25 %, memory within +-15 %.
@@ -50,7 +53,9 @@ def main() -> None:
             model = next((o.split("=", 1)[1] for o in args.overrides if o.startswith("model=")), "smollm2_135m")
             for cached in (cache_root() / "cost").glob(f"{model}-*.json"):
                 cached.unlink()
-            run(cwd, ["dry_run=true", *args.overrides])
+            env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+            subprocess.run([sys.executable, "-m", "framework.planning", "calibrate", *args.overrides,
+                            "--up-to", str(max(args.lengths))], cwd=cwd, env=env, check=True)
         run(cwd, ["task.context_lengths=[256]", "task.depths=[0.5]", "+detector=attn_mass", *args.overrides])  # warm-up
         for length in args.lengths:
             overrides = [f"task.context_lengths=[{length}]", "task.depths=[0.5]", f"task.samples_per_cell={args.samples}",
@@ -63,13 +68,17 @@ def main() -> None:
             experiment = client.get_experiment_by_name("retrieval-heads")
             (found,) = client.search_runs([experiment.experiment_id], f"attributes.run_name = 'planner-accuracy-L{length}'")
             params, metrics = found.data.params, found.data.metrics
-            rows.append((length, float(params["estimate.seconds"]), metrics["actual/seconds"],
-                         float(params["estimate.peak_memory_gib"]), metrics["actual/peak_memory_gib"]))
+            rows.append((length, float(params.get("estimate.scaled_seconds", params["estimate.seconds"])),
+                         float(params.get("estimate.machine_factor", 1.0)), metrics["actual/seconds"],
+                         float(params["estimate.peak_memory_gib"]), metrics["actual/peak_memory_gib"],
+                         params.get("estimate.load_average", "?")))
             print(f"  {length} tokens done: {rows[-1]}", file=sys.stderr)
-    print(f"\n{'tokens':>6} | {'est. s':>7} | {'actual s':>8} | {'time ratio':>10} | {'est. GiB':>8} | {'actual GiB':>10} | {'memory ratio':>12}")
-    print("-" * 80)
-    for length, est_s, act_s, est_m, act_m in rows:
-        print(f"{length:>6} | {est_s:7.1f} | {act_s:8.1f} | {act_s / est_s:10.2f} | {est_m:8.2f} | {act_m:10.2f} | {act_m / est_m:12.2f}")
+    print(f"\n{'tokens':>6} | {'est. s':>7} | {'factor':>6} | {'actual s':>8} | {'time ratio':>10} | {'est. GiB':>8} | "
+          f"{'actual GiB':>10} | {'memory ratio':>12} | load")
+    print("-" * 100)
+    for length, est_s, factor, act_s, est_m, act_m, load in rows:
+        print(f"{length:>6} | {est_s:7.1f} | {factor:6.2f} | {act_s:8.1f} | {act_s / est_s:10.2f} | {est_m:8.2f} | "
+              f"{act_m:10.2f} | {act_m / est_m:12.2f} | {load}")
     print("\nratios are actual / estimated; targets: time 0.75-1.25, memory 0.85-1.15")
 
 

@@ -139,6 +139,17 @@ class Detector(ABC):
         """Score all heads on ``samples`` (drawn with a different seed than evaluation; empty for a
         detector with :attr:`own_samples`)."""
 
+    def check_samples(self, samples: list[Sample]) -> None:
+        """Raise :class:`ConfigError` when ``samples`` cannot give this detector's rule a score
+        (known from the samples alone, before any model work): by default, when there are none."""
+        if not samples:
+            raise ConfigError(f"detector {self.name!r} has no detection samples: the task built none "
+                              "(raise task.detect_samples_per_cell)")
+
+    def why_no_heads(self, result: HeadScores) -> str:
+        """Why ``result`` selected no heads and which remedies fit, for the run's error."""
+        return f"max score {result.scores.max():.3f}; lower its threshold or set top_k"
+
 
 class Intervention(ABC):
     """Turns selected heads into an attention edit, and builds its matched random control."""

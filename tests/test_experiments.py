@@ -14,8 +14,9 @@ import yaml
 from scipy.stats import spearmanr
 from test_cli import only_run, run_cli
 
+from framework.analysis import power
 from framework.analysis.claims import CLAIMS, check_claim
-from framework.model.loading import model_config, model_info
+from framework.model.loading import load_tokenizer, model_config, model_info
 from framework.model.rope import lowest_frequency_dims
 from framework.planning import planner
 from framework.registry import get_registry
@@ -71,6 +72,10 @@ def test_each_experiment_composes_and_its_plan_fits_its_model(compose_config, na
     if config.get("intervention"):
         plan = Plan.from_config(config, registry, info)
         assert plan.n_conditions >= 2
+    if config.get("claim"):  # its design can reach the verdict, or the config says it runs underpowered
+        samples = registry.create("task", config["task"]).build_samples(load_tokenizer(config["model"]), "eval", config["seed"])
+        refusal = power.check(config, power.comparisons(config, len(samples)))
+        assert refusal is None or config["allow_underpowered"]
 
 
 @pytest.mark.e2e
@@ -79,7 +84,7 @@ def test_a_run_with_dose_controls_conditions_and_a_second_detector(tmp_path):
         tmp_path, "+detector=attn_mass", "detector.threshold=null", "detector.top_k=12",
         "+intervention=zero_lowfreq", "dose.param=n_dims", "dose.values=[4,32]", "controls=2",
         "+intervention@conditions.last8=mask_last_dims", "conditions.last8.n_dims=8",
-        "+detector@detectors.norms=qnorm", "claim=lowfreq_dose",
+        "+detector@detectors.norms=qnorm", "claim=lowfreq_dose", "allow_underpowered=true",
         "task.context_lengths=[256]", "task.depths=[0.3,0.7]", "task.samples_per_cell=1",
     )
     assert result.returncode == 0, result.stderr[-3000:]
@@ -130,3 +135,6 @@ def test_a_run_with_dose_controls_conditions_and_a_second_detector(tmp_path):
     assert metrics["claim/recall_drop.32"] == pytest.approx(metrics["recall/baseline"] - treated)
     assert (artifacts / "claim/lowfreq_dose.png").stat().st_size > 0
     assert run.data.tags["claim"] == "lowfreq_dose"
+    # 6 pairs, Holm over 2 doses: 2 * 2 / 2**6 = 0.0625 at best, so the run was tagged underpowered
+    assert run.data.tags["underpowered"] == "true" and float(run.data.params["plan/treatment_vs_control/min_p"]) == 0.0625
+    assert run.data.params["plan/treatment_vs_control/samples"] == "6"

@@ -16,6 +16,7 @@ import signal
 import subprocess
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import tiny_llama
@@ -87,6 +88,13 @@ CUDA = "cuda, cuda:0" if torch.cuda.is_available() else "cpu"
     (["task=multidoc_qa", "task.path=missing.jsonl.gz"], "error: path='missing.jsonl.gz' is not a file"),
     (["+experiment=claim1_causal_heads", "controls=5"],  # a verdict this run could not reach: refused, not failed hours later
      "error: claim 'causal_heads' needs controls >= 19 (a null of 20 random head sets) in the run's config"),
+    # claim 4 at one sample per cell (3 cells, 3 doses): 3 pairs allow a Holm-adjusted McNemar p of 0.75 at best
+    (["+experiment=claim4_lowfreq_dose", "task.context_lengths=[256]", "task.depths=[0.2,0.5,0.8]",
+      "task.samples_per_cell=1", "dose.values=[0.03125,0.125,0.25]"],
+     "error: claim 'lowfreq_dose' cannot reach its verdict with this design: treatment below its control at the seed's "
+     "dose has 3 samples, so its smallest reachable p is 0.75, not below 0.05"),
+    (["+detector=retrieval_score", "task=closed_book"],  # no needle in any detection sample: nothing to score
+     "error: retrieval_score has nothing to score: none of the "),
 ])
 def test_bad_input_is_refused_before_any_run(tmp_path, overrides, message):
     refused(run_here(tmp_path, *overrides), tmp_path, message)
@@ -134,10 +142,14 @@ def test_a_plugin_name_taken_twice_is_refused(tmp_path):
 # ---------------------------------------------------------------- the tracking store
 
 def test_a_tracking_server_that_does_not_answer_fails_at_once(tmp_path):
+    """On a fresh machine too: the server is asked before the model is dequantised or calibrated,
+    so nothing is written to the (empty) model cache."""
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    result = run_here(tmp_path, env=environment(tracking_uri=uri))
+    cache = tmp_path / "empty-cache"
+    result = run_here(tmp_path, env={**environment(tracking_uri=uri), "RETRIEVAL_HEADS_CACHE": str(cache)})
     refused(result, tmp_path, f"error: the tracking server {uri} (MLFLOW_TRACKING_URI) does not answer: ")
     assert "Connection refused" in result.stderr and "unset MLFLOW_TRACKING_URI" in result.stderr
+    assert not cache.exists()
 
 
 @pytest.mark.parametrize("store", ["mlruns is a file", "sqlite:////proc/no-store-here/mlflow.db"])
@@ -150,6 +162,31 @@ def test_an_unwritable_local_store_fails_at_once(tmp_path, store):
     result = run_here(tmp_path, env=env)
     refused(result, tmp_path, f"error: the tracking store {uri} cannot be written (")
     assert "set MLFLOW_TRACKING_URI to a writable store" in result.stderr
+
+
+def test_underpowered_claim_runs_are_planned_with_a_note(tmp_path):
+    """A dry run of a design that cannot reach its verdict prints the plan, its power and why."""
+    result = run_here(tmp_path, "dry_run=true", "+experiment=claim4_lowfreq_dose", "task.context_lengths=[256]",
+                      "task.depths=[0.2,0.5,0.8]", "task.samples_per_cell=1", "dose.values=[0.03125,0.125,0.25]")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert ("design: treatment below its control at the seed's dose (exact McNemar on 3 pairs, Holm over 3): smallest "
+            "reachable p 0.75; power 0.00") in result.stdout
+    assert "note: claim 'lowfreq_dose' cannot reach its verdict" in result.stdout
+    assert "7 evaluation samples would make it reachable" in result.stdout
+    assert not (tmp_path / "mlruns").exists()
+
+
+def test_a_detection_that_kept_no_trial_names_its_cause_and_remedies():
+    from framework.interfaces import HeadScores
+    from plugins.detectors.retrieval_score import RetrievalScore
+
+    none_kept = HeadScores("retrieval_score", np.zeros((2, 3)), [], {"trials": 2, "kept_trials": 0, "recall": [0.44, 0.2]})
+    message = RetrievalScore(min_recall=0.5).why_no_heads(none_kept)
+    assert message.startswith("no trial retrieved the needle: 0 of 2 detection trials reached min_recall=0.5 (the best "
+                              "trial's recall was 0.44), so every score is 0")
+    assert all(remedy in message for remedy in ("task.detect_samples_per_cell", "detector.min_recall", "shorter contexts"))
+    low = HeadScores("retrieval_score", np.full((2, 3), 0.05), [], {"trials": 2, "kept_trials": 1, "recall": [1.0, 0.2]})
+    assert RetrievalScore().why_no_heads(low) == "max score 0.050; lower its threshold or set top_k (1 of 2 trials kept)"
 
 
 @pytest.mark.e2e

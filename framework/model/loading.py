@@ -6,6 +6,7 @@ float32. Both can be overridden from the ``model`` config group.
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import logging
@@ -146,6 +147,12 @@ def _dequantised_dir(spec: Mapping[str, Any]) -> Path:
     return target
 
 
+def prepare_source(spec: Mapping[str, Any]) -> None:
+    """Make the model's weights loadable: an embedded model is dequantised into the cache once
+    (or rebuilt there if damaged), so that timing a load afterwards times the load alone."""
+    _source(spec)
+
+
 def _source(spec: Mapping[str, Any]) -> tuple[str | Path, dict[str, Any]]:
     if spec.get("hub_id"):
         return spec["hub_id"], {"revision": spec.get("revision")}
@@ -176,19 +183,47 @@ def info_from_config(name: str, config: Any) -> ModelInfo:
     )
 
 
+def intact_cache(spec: Mapping[str, Any]) -> Path | None:
+    """The embedded model's cached copy if it is complete, else None, checked without writing
+    anything: a damaged copy that can be rebuilt is rebuilt when the weights load, one that
+    cannot is refused here, before any model work."""
+    target = cache_root() / spec["name"]
+    if not target.exists():
+        return None
+    problem = cache_problem(target)
+    if problem is None:
+        return target
+    try:
+        _gguf_location(spec)
+    except ConfigError as error:
+        raise ConfigError(f"the cached copy of model {spec['name']!r} in {target} is damaged ({problem}) and cannot "
+                          f"be rebuilt here: {error}; then remove the folder {target}") from None
+    return None
+
+
 def _light_source(spec: Mapping[str, Any]) -> tuple[str | Path, dict[str, Any]]:
-    """Where config and tokenizer come from without dequantising anything: the cached copy if
-    it exists, else the GGUF file itself."""
-    if spec.get("gguf_package") and not (cache_root() / spec["name"] / "config.json").exists():
+    """Where config and tokenizer come from without dequantising or writing anything: the cached
+    copy if it is intact, else the GGUF file itself."""
+    if spec.get("gguf_package"):
+        cached = intact_cache(spec)
+        if cached is not None:
+            return cached, {}
         folder, gguf_file = _gguf_location(spec)
         return folder, {"gguf_file": gguf_file}
     return _source(spec)
 
 
+_CONFIGS: dict[str, Any] = {}
+
+
 def model_config(spec: Mapping[str, Any]) -> Any:
-    """The model's transformers config alone (no weights)."""
+    """The model's transformers config alone (no weights), read once per process and source
+    (from a GGUF file it takes seconds)."""
     source, kwargs = _light_source(spec)
-    return AutoConfig.from_pretrained(source, **kwargs)
+    key = json.dumps([str(source), kwargs], sort_keys=True, default=str)
+    if key not in _CONFIGS:
+        _CONFIGS[key] = AutoConfig.from_pretrained(source, **kwargs)
+    return copy.deepcopy(_CONFIGS[key])  # callers may change their copy
 
 
 def load_tokenizer(spec: Mapping[str, Any]) -> Any:

@@ -16,10 +16,18 @@ condition), and prices them with a cost model of the model on this device:
   KV cache, masks), or the peak of loading, whichever is larger.
 
 The coefficients are measured once per model, device, dtype and thread count by a calibration
-of a few short forward passes (:func:`calibrate`, logged as it happens) and cached as JSON in
-``<model cache>/cost/``. A run longer than 1.5x the longest calibrated pass first extends the
-calibration with single passes at doubling lengths up to its own (at most ``LONG_CALIBRATION_CAP``
-tokens), so that the quadratic attention term is measured where it dominates, not extrapolated.
+of a few short forward passes (:func:`calibrate`, logged point by point, each point kept as it is
+measured so that an interrupted calibration resumes; ``python -m framework.planning calibrate``)
+and cached as JSON in ``<model cache>/cost/``. A run longer than 1.5x the longest calibrated pass
+first extends the calibration with single passes at doubling lengths up to its own (at most
+``LONG_CALIBRATION_CAP`` tokens), so that the quadratic attention term is measured where it
+dominates, not extrapolated. Each point records the machine's load and a reference pass (a
+256-token prefill) timed just before it: points are scaled by their reference pass, points
+measured while other work kept every core busy are flagged and measured again on a quiet
+machine, and a real run times the reference pass again once its model is loaded and scales its
+estimate (:func:`rescale`). A dry run never loads weights: it extrapolates a short calibration
+(with the range of leave-one-out refits) or, without one, prices from the architecture
+(:func:`architecture_calibration`).
 
 What is not a forward pass (loading, MLflow logging, tables, figures, statistics) is priced as
 *bookkeeping*: ``b0 + b1 * steps``, fitted on the runs this machine finished before (each run
@@ -41,7 +49,7 @@ import json
 import logging
 import os
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -52,7 +60,16 @@ from scipy.optimize import nnls
 
 from framework.interfaces import ConfigError, Detector, Sample, Task
 from framework.model.generation import length_batches
-from framework.model.loading import cache_root, load_model, load_tokenizer, model_config, resolve_device, resolve_dtype
+from framework.model.loading import (
+    cache_root,
+    intact_cache,
+    load_model,
+    load_tokenizer,
+    model_config,
+    prepare_source,
+    resolve_device,
+    resolve_dtype,
+)
 from framework.planning import cost
 from framework.planning.cost import memory_now, memory_peak, reset_peak
 from framework.registry import Registry
@@ -66,6 +83,8 @@ CALIBRATION_DECODE_STEPS = 4
 CALIBRATION_REPEATS = 2
 LONG_CALIBRATION_CAP = 16384  # longest pass the calibration measures: 2 min for Gemma-3-270m on 2 cores
 BOOKKEEPING_HISTORY = 20  # finished runs kept to price bookkeeping
+BUSY_LOAD = 1.0  # other runnable threads per core above which a calibration point is flagged busy
+MACHINE_FACTOR_DEADBAND = 0.1  # a reference pass within 10 % of the calibration's is noise, not a slower machine
 _MAX_PADDING = 0.2  # greedy_generate's default: batches of similar length
 _GIB = 2**30
 
@@ -100,6 +119,68 @@ def measure_actual(watch: Stopwatch) -> tuple[float, int]:
     return time.perf_counter() - watch.started, memory_peak(watch.device)
 
 
+def machine_load() -> dict[str, float]:
+    """The machine's 1-minute load average, the cores this process may use and torch's threads."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return {"load_average": round(os.getloadavg()[0], 2), "cores": cores, "threads": torch.get_num_threads()}
+
+
+def is_busy(load: Mapping[str, float]) -> bool:
+    """Whether other work kept every core busy: the load beyond this process's own threads
+    exceeds BUSY_LOAD per core."""
+    return (load["load_average"] - load["threads"]) / load["cores"] > BUSY_LOAD
+
+
+def _median_seconds(work: Any, device: torch.device, repeats: int = 5) -> float:
+    def synced() -> None:
+        work()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    synced()  # warm-up
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        synced()
+        times.append(time.perf_counter() - started)
+    return float(np.median(times))
+
+
+def reference_pass(model: Any, device: torch.device) -> float:
+    """Seconds of the reference pass: one prefill of 256 tokens (the faster of two). Measured
+    before each calibration point and again when a run has loaded its model, its time says how
+    fast this machine runs the model at that moment."""
+    vocab = model.config.get_text_config().vocab_size
+    ids = (torch.arange(256, device=device) * 7 + 3).remainder(vocab)[None]
+    times = []
+    with torch.inference_mode():
+        for _ in range(2):
+            started = time.perf_counter()
+            model(input_ids=ids, logits_to_keep=1)
+            times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def machine_probe(device: torch.device, dtype: torch.dtype) -> dict[str, float]:
+    """Seconds of fixed work on constant tensors, no model needed (about a second on a CPU): a
+    matrix product (``gemm``, 2 * 256 * 1024 * 1024 FLOPs), causal attention with and without an
+    explicit mask (``sdpa``, ``sdpa_masked``: 8 heads x 512 x 512 x 64), a matrix-vector product
+    reading 64 MiB of float32 (``gemv``) and one tiny op (``op``: the per-op overhead)."""
+    from torch.nn.functional import scaled_dot_product_attention as sdpa
+
+    a, b = torch.ones(256, 1024, device=device, dtype=dtype), torch.ones(1024, 1024, device=device, dtype=dtype)
+    q = torch.ones(1, 8, 512, 64, device=device, dtype=dtype)
+    mask = torch.ones(512, 512, dtype=torch.bool, device=device).tril()
+    vector, matrix = torch.full((1, 4096), 0.5, device=device), torch.full((4096, 4096), 0.5, device=device)
+    tiny = torch.ones(1, 64, device=device)
+    work = {"gemm": lambda: a @ b, "sdpa": lambda: sdpa(q, q, q, is_causal=True),
+            "sdpa_masked": lambda: sdpa(q, q, q, attn_mask=mask), "gemv": lambda: vector @ matrix,
+            "op": lambda: [tiny + 1 for _ in range(100)]}
+    with torch.inference_mode():
+        probe = {key: _median_seconds(run, device) for key, run in work.items()}
+    return probe | {"op": probe["op"] / 100}
+
+
 # --- calibration ----------------------------------------------------------------------------
 @dataclass
 class Calibration:
@@ -117,6 +198,18 @@ class Calibration:
     memory: list[float]  # m0, m1, m2 masked
     points: list[dict[str, float]]
     load_average: float = 0.0  # the machine's 1-minute load while calibrating: a busy machine inflates the times
+    # the fastest reference pass among the points' (:func:`reference_seconds`): the points' times are
+    # scaled to it, and a run scales its estimate by its own reference pass over this one
+    reference_seconds: float = 0.0
+    source: str = "measured"  # or "architecture": estimated from FLOPs and bytes, no pass of the model measured
+
+    @property
+    def longest(self) -> int:
+        return max((int(p["length"]) for p in self.points), default=0)
+
+    @property
+    def busy_points(self) -> list[dict[str, float]]:
+        return [p for p in self.points if p.get("busy")]
 
 
 def _sliding(config: Any) -> bool:
@@ -137,13 +230,64 @@ def _memory_features(batch: int, length: int, masked: bool) -> list[float]:
     return [1.0, batch * length, batch * length**2 if masked else 0.0]
 
 
-def weights_bytes(model_cfg: Any, dtype: torch.dtype) -> int:
-    """The weights' size from the config's parameter count (tied embeddings once), no weights read."""
+def _parameter_counts(model_cfg: Any) -> tuple[int, int]:
+    """Parameters in all (tied embeddings once) and in the linear layers a token passes through
+    (the output head excluded: a pass computes its logits for one position), no weights read."""
     from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(model_cfg)
-    return sum(p.numel() for p in model.parameters()) * torch.empty(0, dtype=dtype).element_size()
+    head = model.get_output_embeddings()
+    linear = sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear) and m is not head)
+    return sum(p.numel() for p in model.parameters()), linear
+
+
+def weights_bytes(model_cfg: Any, dtype: torch.dtype) -> int:
+    """The weights' size from the config's parameter count (tied embeddings once), no weights read."""
+    return _parameter_counts(model_cfg)[0] * torch.empty(0, dtype=dtype).element_size()
+
+
+def architecture_calibration(spec: Mapping[str, Any], model_cfg: Any, device: torch.device,
+                             dtype: torch.dtype) -> Calibration:
+    """Cost coefficients estimated from the architecture, without the model: FLOPs over the
+    machine's measured matrix-product rate, attention over its measured attention rate, bytes
+    read per decode step over its measured memory bandwidth, and a per-op overhead per layer
+    (:func:`machine_probe`, a second on random tensors). Rough (within a factor of about 2):
+    a run calibrates the model itself before it starts."""
+    probe = machine_probe(device, dtype)
+    text = getattr(model_cfg, "text_config", model_cfg)
+    layers, heads, hidden, vocab = text.num_hidden_layers, text.num_attention_heads, text.hidden_size, text.vocab_size
+    head_dim = getattr(text, "head_dim", None) or hidden // heads
+    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    size = torch.empty(0, dtype=dtype).element_size()
+    total, linear = _parameter_counts(model_cfg)
+    flops_per_second = 2 * 256 * 1024 * 1024 / probe["gemm"]
+    attention, attention_masked = (probe[key] / (8 * 512 * 512 * 64) for key in ("sdpa", "sdpa_masked"))
+    bytes_per_second = 4096 * 4096 * 4 / probe["gemv"]
+    per_pass = 30 * layers * probe["op"]  # the ops of a layer's norms, projections, rotary and attention
+    streamed = (linear + vocab * hidden) * size  # weights a decode step reads
+    kv_per_token = 2 * layers * kv_heads * head_dim * size
+    prefill = [per_pass + 2 * hidden * vocab / flops_per_second, 2 * linear / flops_per_second,
+               layers * heads * head_dim * attention, layers * heads * head_dim * attention_masked]
+    decode = [per_pass + streamed / bytes_per_second, 2 * (linear + vocab * hidden) / flops_per_second,
+              kv_per_token / bytes_per_second + 4 * layers * heads * head_dim / flops_per_second]
+    activations = kv_per_token + (6 * hidden + 2 * getattr(text, "intermediate_size", 4 * hidden)) * size
+    weights = total * size
+    return Calibration(
+        model=spec["name"], device=device.type, dtype=str(dtype).removeprefix("torch."), threads=torch.get_num_threads(),
+        load_seconds=2.0 + 2 * weights / bytes_per_second, weights_bytes=weights, load_peak_bytes=weights,
+        prefill=prefill, decode=decode, memory=[0.0, float(activations), float(_mask_bytes(dtype))], points=[],
+        load_average=machine_load()["load_average"], source="architecture")
+
+
+def _refits(cal: Calibration, mask_bytes: int) -> list[Calibration]:
+    """The calibration refitted without each of its points in turn: how far the fit moves is the
+    uncertainty of an extrapolation beyond the calibrated lengths."""
+    if len(cal.points) < 5:
+        return []
+    return [replace(cal, **fit_costs(cal.points[:i] + cal.points[i + 1:], mask_bytes)) for i in range(len(cal.points))]
+
+
 
 
 def _calibration_path(spec: Mapping[str, Any], device: torch.device, dtype: torch.dtype) -> Path:
@@ -172,15 +316,19 @@ def _time_generation(model: Any, ids: torch.Tensor, mask: torch.Tensor, device: 
     return prefill, float(np.median(steps)), peak
 
 
-def _measure_points(model: Any, shapes: list[tuple[int, int]], masked_always: bool,
-                    device: torch.device) -> list[dict[str, float]]:
+def _measure_points(model: Any, shapes: list[tuple[int, int]], masked_always: bool, device: torch.device,
+                    keep: Any = None) -> list[dict[str, float]]:
     """Time generation's prefill and decode steps at each (batch, length); batches > 1 are
-    left-padded by one token, so that the explicit-mask path of attention is measured too."""
+    left-padded by one token, so that the explicit-mask path of attention is measured too. Each
+    point records the machine's load and a reference pass measured just before it, and is handed
+    to ``keep`` as soon as it is measured (so that an interrupted calibration resumes)."""
     vocab = model.config.get_text_config().vocab_size
     rng = np.random.default_rng(0)
     points = []
     with torch.inference_mode():
-        for batch, length in shapes:
+        for index, (batch, length) in enumerate(shapes, 1):
+            reference = reference_pass(model, device)
+            load = machine_load()
             ids = torch.tensor(rng.integers(vocab // 4, vocab // 2, size=(batch, length)), device=device)
             mask = torch.ones_like(ids)
             if batch > 1:
@@ -188,10 +336,16 @@ def _measure_points(model: Any, shapes: list[tuple[int, int]], masked_always: bo
             # the faster of the repeats: a shared machine's passing load inflates one, rarely both
             runs = [_time_generation(model, ids, mask, device) for _ in range(CALIBRATION_REPEATS)]
             prefill, step, peak = min(r[0] for r in runs), min(r[1] for r in runs), min(r[2] for r in runs)
-            points.append({"batch": batch, "length": length, "masked": float(batch > 1 or masked_always),
-                           "prefill_seconds": prefill, "decode_step_seconds": step, "peak_bytes": float(peak)})
-            log.info("cost calibration: batch %d x %d tokens: prefill %.2f s, decode step %.3f s, +%.0f MiB",
-                     batch, length, prefill, step, peak / 2**20)
+            point = {"batch": batch, "length": length, "masked": float(batch > 1 or masked_always),
+                     "prefill_seconds": prefill, "decode_step_seconds": step, "peak_bytes": float(peak),
+                     "reference_seconds": reference, **load, "busy": is_busy(load)}
+            points.append(point)
+            log.info("cost calibration %d/%d: batch %d x %d tokens: prefill %.2f s, decode step %.3f s, +%.0f MiB "
+                     "(load %.1f on %d cores, %d threads%s)", index, len(shapes), batch, length, prefill, step,
+                     peak / 2**20, load["load_average"], load["cores"], load["threads"],
+                     ": busy, flagged" if point["busy"] else "")
+            if keep is not None:
+                keep(point)
     return points
 
 
@@ -215,31 +369,44 @@ def _write_json(path: Path, data: Any) -> None:
     staging.replace(path)  # atomic: concurrent runs writing at once each leave a whole file
 
 
+def _mask_bytes(dtype: torch.dtype) -> int:
+    return 1 + torch.empty(0, dtype=dtype).element_size()
+
+
+def cached_calibration(spec: Mapping[str, Any]) -> Calibration | None:
+    """The model's cached calibration on its configured device, if any (nothing is loaded)."""
+    device = resolve_device(spec.get("device", "auto"))
+    path = _calibration_path(spec, device, resolve_dtype(spec.get("dtype", "auto"), device))
+    return Calibration(**json.loads(path.read_text())) if path.exists() else None
+
+
+def _shape(point: Mapping[str, float]) -> tuple[int, int]:
+    return int(point["batch"]), int(point["length"])
+
+
 def calibrate(spec: Mapping[str, Any], longest: int = 0, limit: int = 0) -> Calibration:
     """The model's cost coefficients on its configured device, measured once and cached; extended
-    with longer passes when a run needs prefills of ``longest`` tokens (at most ``limit``)."""
+    with longer passes when a run needs prefills of ``longest`` tokens (at most ``limit``), and
+    measured again where points were flagged busy and the machine is quiet now. Each point is
+    kept as soon as it is measured, so an interrupted calibration resumes where it stopped."""
     device = resolve_device(spec.get("device", "auto"))
     dtype = resolve_dtype(spec.get("dtype", "auto"), device)
     path = _calibration_path(spec, device, dtype)
-    mask_bytes = 1 + torch.empty(0, dtype=dtype).element_size()
-    cached = Calibration(**json.loads(path.read_text())) if path.exists() else None
-    if cached is not None:
-        extra = _long_shapes(max(int(p["length"]) for p in cached.points), longest, limit)
-        if not extra:
+    cached = cached_calibration(spec)
+    if cached is None:
+        shapes = list(CALIBRATION_POINTS) + _long_shapes(max(n for _, n in CALIBRATION_POINTS), longest, limit)
+    else:
+        quiet_now = not is_busy(machine_load())
+        shapes = [_shape(p) for p in cached.busy_points if quiet_now] + _long_shapes(cached.longest, longest, limit)
+        if not shapes:
             return cached
-        log.warning("cost calibration: this run's prompts reach %d tokens; measuring %s once more at %s tokens "
-                    "(cached in %s)", longest, spec["name"], ", ".join(str(n) for _, n in extra), path)
-        model = load_model(spec)
-        points = cached.points + _measure_points(model.model, extra, _sliding(model.model.config), device)
-        del model
-        _trim()
-        cached.__dict__.update(fit_costs(points, mask_bytes))
-        _write_json(path, asdict(cached))
-        return cached
-    shapes = list(CALIBRATION_POINTS) + _long_shapes(max(n for _, n in CALIBRATION_POINTS), longest, limit)
-    log.warning("cost calibration: %s on %s (%s, %d threads) is not calibrated yet; loading it once for %d "
-                "forward passes (up to %d tokens), result cached in %s", spec["name"], device.type, dtype,
-                torch.get_num_threads(), len(shapes), max(n for _, n in shapes), path)
+    partial = path.with_suffix(".partial.json")
+    resumed = [p for p in (json.loads(partial.read_text())["points"] if partial.exists() else []) if _shape(p) in shapes]
+    todo = [shape for shape in shapes if shape not in {_shape(p) for p in resumed}]
+    log.warning("cost calibration: %s on %s (%s, %d threads): loading it once for %d forward passes up to %d tokens%s; "
+                "cached in %s", spec["name"], device.type, dtype, torch.get_num_threads(), len(todo),
+                max(n for _, n in shapes), f" ({len(resumed)} kept from an interrupted calibration)" if resumed else "", path)
+    prepare_source(spec)  # a first dequantisation is not what later loads cost
     _trim()
     before = memory_now(device)
     reset_peak(device)
@@ -252,15 +419,29 @@ def calibrate(spec: Mapping[str, Any], longest: int = 0, limit: int = 0) -> Cali
         model.model(input_ids=torch.tensor([[vocab // 3] * 64], device=device), logits_to_keep=1)  # warm-up, not measured
     _trim()
     weights = memory_now(device) - before  # resident once used (a cached copy is mapped lazily)
-    points = _measure_points(model.model, shapes, _sliding(model.model.config), device)
+    measured = list(resumed)
+
+    def keep(point: dict[str, float]) -> None:
+        measured.append(point)
+        _write_json(partial, {"points": measured})
+
+    _measure_points(model.model, todo, _sliding(model.model.config), device, keep)
     del model
     _trim()
-    calibration = Calibration(
+    redone = {_shape(p) for p in measured}
+    points = [p for p in (cached.points if cached else []) if _shape(p) not in redone] + measured
+    calibration = cached or Calibration(
         model=spec["name"], device=device.type, dtype=str(dtype).removeprefix("torch."), threads=torch.get_num_threads(),
-        load_seconds=load_seconds, weights_bytes=int(weights), load_peak_bytes=int(load_peak),
-        **fit_costs(points, mask_bytes), load_average=os.getloadavg()[0],
-    )
+        load_seconds=load_seconds, weights_bytes=int(weights), load_peak_bytes=int(load_peak), prefill=[], decode=[],
+        memory=[], points=[], load_average=machine_load()["load_average"])
+    calibration.__dict__.update(fit_costs(points, _mask_bytes(dtype)))
     _write_json(path, asdict(calibration))
+    partial.unlink(missing_ok=True)
+    busy = calibration.busy_points
+    if busy:
+        log.warning("cost calibration: %d of %d points were measured while other work kept every core busy; they are "
+                    "flagged, scaled by their reference pass, and measured again by a later run on a quiet machine",
+                    len(busy), len(points))
     return calibration
 
 
@@ -275,14 +456,21 @@ def fit_costs(points: list[dict[str, float]], mask_bytes: float) -> dict[str, An
     def fit(features: list[list[float]], target: list[float]) -> list[float]:
         return nnls(np.array(features), np.array(target))[0].tolist()
 
+    # times as at the calibration's typical reference pass: a point measured while the machine
+    # was slower (its own reference pass slower) is scaled down, so one busy moment does not skew the fit
+    references = [p["reference_seconds"] for p in points if p.get("reference_seconds")]
+    typical = float(np.median(references)) if len(references) == len(points) else 0.0
+    scale = [typical / p["reference_seconds"] if typical else 1.0 for p in points]
     masks = [mask_bytes * p["batch"] * p["length"] ** 2 * p["masked"] for p in points]
     return {
         "prefill": fit([_prefill_features(p["batch"], p["length"], bool(p["masked"])) for p in points],
-                       [p["prefill_seconds"] for p in points]),
-        "decode": fit([_decode_features(p["batch"], p["length"]) for p in points], [p["decode_step_seconds"] for p in points]),
+                       [p["prefill_seconds"] * f for p, f in zip(points, scale)]),
+        "decode": fit([_decode_features(p["batch"], p["length"]) for p in points],
+                      [p["decode_step_seconds"] * f for p, f in zip(points, scale)]),
         "memory": fit([[1.0, p["batch"] * p["length"]] for p in points],
                       [p["peak_bytes"] - m for p, m in zip(points, masks)]) + [mask_bytes],
         "points": points,
+        "reference_seconds": typical,
     }
 
 
@@ -316,6 +504,12 @@ class Estimate:
     load_peak_bytes: int
     notes: list[str] = field(default_factory=list)
     bookkeeping_steps: int = 0  # the run's steps, which the bookkeeping's price counts
+    design: list[str] = field(default_factory=list)  # the claim's comparisons: smallest reachable p and power
+    machine_factor: float = 1.0  # the model's times scaled by this (the machine slower or faster than at calibration)
+    reference_seconds: float = 0.0  # the calibration's typical reference pass (0: none recorded)
+    calibration_load: float = 0.0  # the 1-minute load average at the calibration's points (median)
+    calibration: str = "measured"  # or "architecture" (a dry run without a calibration)
+    model_seconds_range: tuple[float, float] | None = None  # extrapolated: the model time across leave-one-out refits
     bookkeeping_seconds: float | None = None  # None until a run finished on this machine
     watch: Stopwatch | None = None
     # the samples priced here, which the run then evaluates (built once, from the same tokenizer files)
@@ -344,7 +538,7 @@ class Estimate:
         return {"estimate.seconds": round(self.seconds, 1), "estimate.peak_memory_gib": round(self.peak_bytes / _GIB, 3),
                 "estimate.conditions": self.conditions, "estimate.samples": self.samples,
                 "estimate.forward_passes": self.forward_passes, "estimate.tokens": self.tokens,
-                "estimate.device": f"{self.device} {self.dtype}",
+                "estimate.device": f"{self.device} {self.dtype}", "estimate.calibration": self.calibration,
                 "estimate.bookkeeping_seconds": "not priced yet" if self.bookkeeping_seconds is None
                 else round(self.bookkeeping_seconds, 1)}
 
@@ -360,6 +554,12 @@ class Estimate:
         lines.append(f"  {'bookkeeping (logging, figures, statistics)':<72}{bookkeeping:>11}")
         lines.append(f"total: {self.forward_passes} forward passes over {self.tokens} prompt tokens; "
                      f"estimated wall time {_duration(self.seconds)}, peak memory {self.peak_bytes / _GIB:.2f} GiB")
+        if self.model_seconds_range is not None:
+            model_seconds = sum(s.seconds for s in self.steps)
+            low, high = self.model_seconds_range
+            lines.append(f"extrapolated: the forward passes' {_duration(model_seconds)} lie between {_duration(low)} and "
+                         f"{_duration(high)} across the fits that leave out one calibration point each")
+        lines.extend(self.design)
         lines.extend(f"note: {note}" for note in self.notes)
         return "\n".join(lines)
 
@@ -467,15 +667,23 @@ def _record_bookkeeping(device: torch.device, record: dict[str, Any]) -> None:
     _write_json(_bookkeeping_path(device), {"runs": runs})
 
 
-def estimate_run(
-    config: Mapping[str, Any], registry: Registry, task: Task, detector: Detector | None,
-    extra_detectors: Mapping[str, Detector], n_treatments: int,
-) -> Estimate:
-    """Validate the run's lengths, build its samples from the tokenizer alone and price every
-    step; with ``dry_run`` print the plan. The actual cost is measured from this call's end."""
+@dataclass
+class PlannedSamples:
+    """A run's samples, built from the tokenizer alone, and the lengths they reach."""
+
+    eval: list[Sample]
+    detect: list[Sample]
+    by_length: dict[int, list[Sample]]
+    longest: int  # the longest prompt with its answer, in tokens
+    limit: int  # the model's room for a prompt (its positions less the generated tokens); 0: unknown
+
+
+def plan_samples(config: Mapping[str, Any], registry: Registry, task: Task, detector: Detector | None,
+                 extra_detectors: Mapping[str, Detector], n_treatments: int) -> PlannedSamples:
+    """Validate the run's lengths and build its samples from the tokenizer alone (no weights); the
+    task's detection samples only where a detector or an intervention's ``prepare`` reads them."""
     spec = config["model"]
-    model_cfg = model_config(spec)
-    limit = check_context_lengths(config, model_cfg)
+    limit = check_context_lengths(config, model_config(spec))
     if config.get("detect_lengths") and "context_lengths" not in config["task"]:
         raise ConfigError(f"detect_lengths={config['detect_lengths']} needs a task with context_lengths "
                           f"(niah, passkey); task {config['task']['name']!r} has none")
@@ -492,38 +700,88 @@ def estimate_run(
     if limit and longest > limit:
         raise ConfigError(f"the task's longest prompt has {longest} tokens; {spec['name']} has room for {limit} "
                           f"(its positions less task.max_new_tokens): shorten the task")
-    cal = calibrate(spec, longest, limit)
+    return PlannedSamples(samples, detect, by_length, longest, limit)
+
+
+def _dry_run_calibration(spec: Mapping[str, Any], model_cfg: Any, longest: int, device: torch.device,
+                         dtype: torch.dtype) -> tuple[Calibration, list[str]]:
+    """A dry run's calibration, never loading weights: the cached one (extrapolated beyond its
+    lengths), or without one an estimate from the architecture."""
+    notes = []
+    if spec.get("gguf_package") and intact_cache(spec) is None:
+        notes.append(f"{spec['name']} is not in the model cache yet: a real run dequantises it first (not priced)")
+    cal = cached_calibration(spec)
+    command = f"python -m framework.planning calibrate model={spec['name']} --up-to {max(longest, 2048)}"
+    if cal is None:
+        notes.append(f"{spec['name']} on {device.type} is not calibrated yet: priced from its architecture (FLOPs and "
+                     "bytes over this machine's matrix-product, attention and memory rates, measured on random tensors "
+                     f"just now), a rough estimate; a real run calibrates first, or run `{command}`")
+        return architecture_calibration(spec, model_cfg, device, dtype), notes
+    if longest > 1.5 * cal.longest:
+        notes.append(f"the calibration reaches {cal.longest} tokens, this run's prompts {longest}: the longer passes are "
+                     f"extrapolated with the fitted model (a real run measures them first, or run `{command}`)")
+    return cal, notes
+
+
+def estimate_run(
+    config: Mapping[str, Any], registry: Registry, task: Task, detector: Detector | None,
+    extra_detectors: Mapping[str, Detector], n_treatments: int, planned: PlannedSamples | None = None,
+    design: list[str] | None = None,
+) -> Estimate:
+    """Price every step of the run on its samples (``planned``, else built here) and print the
+    plan with ``dry_run`` (``design``: the lines on the claim's power). A real run calibrates the
+    model first where needed; a dry run never loads weights. The actual cost is measured from
+    this call's end."""
+    spec = config["model"]
+    planned = planned or plan_samples(config, registry, task, detector, extra_detectors, n_treatments)
+    model_cfg = model_config(spec)
     device = resolve_device(spec.get("device", "auto"))
     dtype = resolve_dtype(spec.get("dtype", "auto"), device)
+    if config.get("dry_run"):
+        cal, notes = _dry_run_calibration(spec, model_cfg, planned.longest, device, dtype)
+    else:
+        cal, notes = calibrate(spec, planned.longest, planned.limit), []
     weights = max(weights_bytes(model_cfg, dtype), cal.weights_bytes)  # what loading leaves resident
-    sliding, notes = _sliding(model_cfg), []
+    sliding = _sliding(model_cfg)
     batch_size, new_tokens = int(config["batch_size"]), int(task.max_new_tokens)
-    steps = [_generation("baseline", samples, batch_size, new_tokens, sliding, cal)]
-    for key, plugin in ([("detection", detector)] if detector is not None else []) + \
-            [(f"detection ({k})", d) for k, d in extra_detectors.items()]:
-        steps.append(_detection(key, plugin, [] if plugin.own_samples else detect, sliding, cal, notes))
-    for length, detect_at in by_length.items():
-        for key, plugin in [(k, d) for k, d in [("main", detector), *extra_detectors.items()] if not d.own_samples]:
-            steps.append(_detection(f"detection {key} @ {length}", plugin, detect_at, sliding, cal, notes))
-    if n_treatments:  # every condition generates on the same samples: one step's work, n times
-        each = _generation(f"{n_treatments} conditions", samples, batch_size, new_tokens, sliding, cal)
-        steps.append(Step(each.name, each.samples, each.passes * n_treatments, each.tokens * n_treatments,
-                          each.decode_steps * n_treatments, each.seconds * n_treatments, each.transient_bytes))
-    if cal.load_average > 1.5 * os.cpu_count():
-        notes.append(f"the cost calibration ran on a busy machine (load {cal.load_average:.1f} on {os.cpu_count()} "
-                     f"cores): times are priced for that load; delete {_calibration_path(spec, device, dtype)} to measure again")
+
+    def price(cal: Calibration) -> list[Step]:
+        steps = [_generation("baseline", planned.eval, batch_size, new_tokens, sliding, cal)]
+        for key, plugin in ([("detection", detector)] if detector is not None else []) + \
+                [(f"detection ({k})", d) for k, d in extra_detectors.items()]:
+            steps.append(_detection(key, plugin, [] if plugin.own_samples else planned.detect, sliding, cal, notes))
+        for length, detect_at in planned.by_length.items():
+            for key, plugin in [(k, d) for k, d in [("main", detector), *extra_detectors.items()] if not d.own_samples]:
+                steps.append(_detection(f"detection {key} @ {length}", plugin, detect_at, sliding, cal, notes))
+        if n_treatments:  # every condition generates on the same samples: one step's work, n times
+            each = _generation(f"{n_treatments} conditions", planned.eval, batch_size, new_tokens, sliding, cal)
+            steps.append(Step(each.name, each.samples, each.passes * n_treatments, each.tokens * n_treatments,
+                              each.decode_steps * n_treatments, each.seconds * n_treatments, each.transient_bytes))
+        return steps
+
+    steps = price(cal)
+    model_seconds = None
+    if cal.source == "measured" and planned.longest > 1.5 * cal.longest:
+        totals = [sum(s.seconds for s in price(refit)) for refit in _refits(cal, _mask_bytes(dtype))]
+        model_seconds = (min(totals), max(totals)) if totals else None
+    if cal.busy_points:
+        notes.append(f"{len(cal.busy_points)} of the calibration's {len(cal.points)} points were measured while other "
+                     f"work kept every core busy (flagged in {_calibration_path(spec, device, dtype)}; a run on a quiet "
+                     "machine measures them again)")
     counted = len(steps) - bool(n_treatments) + n_treatments  # each condition a step of its own
     bookkeeping = price_bookkeeping(_bookkeeping_runs(device), counted)
     if bookkeeping is None:
         notes.append("bookkeeping (MLflow logging, tables, figures, statistics) is not priced yet: it is learned from "
                      f"the runs that finish on this machine ({_bookkeeping_path(device)})")
     estimate = Estimate(
-        model=spec["name"], device=cal.device, dtype=cal.dtype, conditions=1 + n_treatments, samples=len(samples),
-        eval_samples=samples, detect_samples=detect, detect_samples_by_length=by_length,
-        steps=steps, load_seconds=cal.load_seconds, base_bytes=0, weights_bytes=weights, load_peak_bytes=cal.load_peak_bytes, notes=notes,
-        bookkeeping_steps=counted, bookkeeping_seconds=bookkeeping,
+        model=spec["name"], device=cal.device, dtype=cal.dtype, conditions=1 + n_treatments, samples=len(planned.eval),
+        eval_samples=planned.eval, detect_samples=planned.detect, detect_samples_by_length=planned.by_length,
+        steps=steps, load_seconds=cal.load_seconds, base_bytes=0, weights_bytes=weights,
+        load_peak_bytes=cal.load_peak_bytes, notes=notes, bookkeeping_steps=counted, bookkeeping_seconds=bookkeeping,
+        design=design or [], calibration=cal.source, model_seconds_range=model_seconds,
+        reference_seconds=cal.reference_seconds,
+        calibration_load=float(np.median([p.get("load_average", cal.load_average) for p in cal.points] or [cal.load_average])),
     )
-    del tokenizer
     estimate.watch = start_measuring(device)
     estimate.base_bytes = memory_now(device)
     room = device_memory(device)
@@ -550,6 +808,33 @@ def log_estimate(estimate: Estimate) -> None:
     mlflow.log_params(estimate.params())
     log.info("estimate: %s wall time, %.2f GiB peak memory (%d forward passes, %d prompt tokens)",
              _duration(estimate.seconds), estimate.peak_bytes / _GIB, estimate.forward_passes, estimate.tokens)
+
+
+def rescale(estimate: Estimate, model: Any) -> float:
+    """Scale the estimate's forward passes by how much slower (or faster) the machine runs the
+    loaded model now than at calibration: the reference pass now over the calibration's. A pass
+    is one moment, so the factor applies only where the 1-minute load average agrees (higher
+    now for a slower pass, lower for a faster one) and outside MACHINE_FACTOR_DEADBAND (noise);
+    else 1. Logged as ``estimate.machine_factor`` and ``estimate.scaled_seconds``; the run's
+    ``estimate/time_ratio`` is against the scaled estimate."""
+    if not estimate.reference_seconds:
+        return 1.0
+    now = reference_pass(model, estimate.watch.device)
+    ratio = now / estimate.reference_seconds
+    load = machine_load()
+    agrees = load["load_average"] > estimate.calibration_load if ratio > 1 else load["load_average"] < estimate.calibration_load
+    factor = ratio if abs(ratio - 1) > MACHINE_FACTOR_DEADBAND and agrees else 1.0
+    before = estimate.seconds
+    for step in estimate.steps:
+        step.seconds *= factor
+    estimate.machine_factor = factor
+    mlflow.log_params({"estimate.machine_factor": round(factor, 3), "estimate.scaled_seconds": round(estimate.seconds, 1),
+                       "estimate.load_average": load["load_average"]})
+    log.info("reference pass: %.3f s, x%.2f its time at calibration (load %.1f on %d cores, %d threads; %.1f at "
+             "calibration)%s", now, ratio, load["load_average"], load["cores"], load["threads"], estimate.calibration_load,
+             f": estimate scaled from {_duration(before)} to {_duration(estimate.seconds)}" if factor != 1.0
+             else ": estimate kept" + ("" if abs(ratio - 1) <= MACHINE_FACTOR_DEADBAND else ", the load average does not agree"))
+    return factor
 
 
 def log_accuracy(estimate: Estimate) -> dict[str, float]:

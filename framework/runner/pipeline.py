@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, Iterator, Mapping
 
 import mlflow
@@ -30,6 +31,7 @@ from framework.runner.progress import Progress, labelled, weight
 from framework.runner.stat_choice import choose_stats
 from framework.statistics import benjamini_hochberg, holm, null_p_value
 from framework.tracking import dataset_inputs
+from framework.tracking.experiments import check_store
 from framework.tracking.runs import tracked_run
 
 log = logging.getLogger(__name__)
@@ -112,6 +114,32 @@ def _keep_partial_samples(
         raise
 
 
+@dataclass
+class _Design:
+    """What the plan says on the claim's power: its lines, its ``plan/...`` params, and whether
+    the run goes ahead although its design cannot reach the verdict."""
+
+    lines: list[str] = field(default_factory=list)
+    params: dict[str, Any] = field(default_factory=dict)
+    underpowered: bool = False
+
+
+def _design(config: Mapping[str, Any], samples: int) -> _Design:
+    """The claim's comparisons at this sample size; a design that cannot reach the verdict is
+    refused here, before any model work, unless ``allow_underpowered`` (or a dry run: a note)."""
+    if not config.get("claim"):
+        return _Design()
+    from framework.analysis import power  # analysis, outside the core: imported by claim runs only
+
+    found = power.comparisons(config, samples)
+    refusal = power.check(config, found)
+    if refusal and not config.get("dry_run"):
+        log.warning("%s; it runs anyway (allow_underpowered=true) and is tagged underpowered", refusal)
+    lines = power.report(found) + ([f"note: {refusal}"] if refusal else [])
+    params = {key: value for c in found for key, value in c.params().items()}
+    return _Design(lines, params, bool(refusal) and not config.get("dry_run"))
+
+
 class _Steps:
     """Announces each step of a run as 'step i/n', so a long run shows how far it got."""
 
@@ -135,6 +163,8 @@ def run(
     of loading it again.
     """
     validation.validate(config)
+    if not config.get("dry_run"):  # a dry run creates nothing: it plans without the store
+        check_store()  # a server that does not answer, or a store that cannot be written, is refused first
     registry = get_registry()
     task = registry.create("task", config["task"])
     detector = registry.create("detector", config["detector"]) if config.get("detector") else None
@@ -159,7 +189,13 @@ def run(
         if plugin is not None:
             plugin.validate(info)
     plan = Plan.from_config(config, registry, info) if config.get("intervention") else None
-    estimate = planner.estimate_run(config, registry, task, detector, extra_detectors, plan.n_conditions if plan else 0)
+    planned = planner.plan_samples(config, registry, task, detector, extra_detectors, plan.n_conditions if plan else 0)
+    for plugin in filter(None, (detector, *extra_detectors.values())):
+        if not plugin.own_samples:
+            plugin.check_samples(planned.detect)
+    design = _design(config, len(planned.eval))
+    estimate = planner.estimate_run(config, registry, task, detector, extra_detectors, plan.n_conditions if plan else 0,
+                                    planned, design.lines)
     if config.get("dry_run"):
         return RunContext(config=dict(config), run_id="")  # the plan is printed; no run is created
 
@@ -168,10 +204,14 @@ def run(
         context = RunContext(config=dict(config), run_id=active.info.run_id)
         mlflow.set_tags({"task": task.name, "detector": getattr(detector, "name", "none"),
                          "intervention": plan.intervention.name if plan else "none",
-                         **({"claim": config["claim"]} if config.get("claim") else {})})
+                         **({"claim": config["claim"]} if config.get("claim") else {}),
+                         **({"underpowered": "true"} if design.underpowered else {})})
         planner.log_estimate(estimate)
+        if design.params:
+            mlflow.log_params(design.params)
         cost.step("load_model")
         context.model = model = loaded if loaded is not None else load_model(config["model"])
+        planner.rescale(estimate, model.model)  # before the meter counts passes: the reference pass is not the run's
         cost.watch(model.model)
         registry.manager.hook.run_started(context=context)
 
@@ -206,10 +246,8 @@ def run(
                     detection.log_agreement({detector.name: context.head_scores, **context.detector_scores})
                 detection.detect_across_lengths(estimate.detect_samples_by_length, {"main": detector, **extra_detectors}, model)
                 if plan is not None and not context.head_scores.selected:
-                    raise ConfigError(
-                        f"detector {detector.name!r} selected no heads (max score "
-                        f"{context.head_scores.scores.max():.3f}); lower its threshold or set top_k"
-                    )
+                    raise ConfigError(f"detector {detector.name!r} selected no heads: "
+                                      f"{detector.why_no_heads(context.head_scores)}")
 
             if plan is not None:
                 with labelled("prepare"):

@@ -139,8 +139,7 @@ def run(config: Mapping[str, Any]) -> dict[str, float]:
         log.info("detecting retrieval heads (%s) on %d samples", detector.name, len(detect_samples))
         heads = detector.detect(model, detect_samples)
         if not heads.selected:
-            raise ConfigError(f"detector {detector.name!r} selected no heads (max score {heads.scores.max():.3f}); "
-                              "lower its threshold or set top_k")
+            raise ConfigError(f"detector {detector.name!r} selected no heads: {detector.why_no_heads(heads)}")
         intervention.prepare(model, detect_samples)
         edit = intervention.treatment(model, heads.selected)
         mlflow.log_dict({"scores": heads.scores.tolist(), "selected_heads": [list(h) for h in heads.selected]},

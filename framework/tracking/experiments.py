@@ -40,10 +40,21 @@ def local_tracking_uri(store_dir: Path = STORE_DIR) -> str:
     return f"sqlite:///{(store_dir / 'mlflow.db').resolve()}"
 
 
+def tracking_uri() -> str:
+    """``MLFLOW_TRACKING_URI`` if set, else the local store's URI."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or local_tracking_uri()
+
+
+def check_store() -> None:
+    """Refuse a store that cannot take runs, creating nothing: a run's first check, before any
+    model work (a local store is created by :func:`configure` when the run starts)."""
+    stores.check(tracking_uri(), create=False)
+
+
 def configure() -> str:
     """Point MLflow at ``MLFLOW_TRACKING_URI`` if set, else at the local store; return the URI.
     The store is checked first (:func:`framework.tracking.stores.check`)."""
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or local_tracking_uri()
+    uri = tracking_uri()
     stores.check(uri)
     mlflow.set_tracking_uri(uri)
     return uri

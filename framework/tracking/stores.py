@@ -33,12 +33,13 @@ def quiet_retries() -> None:
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "30")
 
 
-def check(uri: str) -> None:
-    """Refuse a store that cannot take runs (see the module docstring)."""
+def check(uri: str, create: bool = True) -> None:
+    """Refuse a store that cannot take runs (see the module docstring); ``create=False`` checks
+    a new local store's folder without creating anything (a run checks that before any model work)."""
     if is_server(uri):
         _check_server(uri)
     else:
-        _check_writable(uri)
+        _check_writable(uri, create)
 
 
 def _check_server(uri: str) -> None:
@@ -53,20 +54,24 @@ def _check_server(uri: str) -> None:
             "MLFLOW_TRACKING_URI, or unset MLFLOW_TRACKING_URI to log to the local store mlruns/") from None
 
 
-def _check_writable(uri: str) -> None:
+def _check_writable(uri: str, create: bool) -> None:
     """A SQLite store needs its folder writable (SQLite writes a journal next to the database);
-    a new one is created here."""
+    a new one is created here (or, without ``create``, its nearest existing folder is written to)."""
     if not uri.startswith("sqlite:///"):
         return
     database = Path(uri.removeprefix("sqlite:///"))
     try:
-        database.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=database.parent):
+        if create:
+            database.parent.mkdir(parents=True, exist_ok=True)
+        folder = next(p for p in (database.parent, *database.parent.parents) if p.exists())
+        if not folder.is_dir():
+            raise NotADirectoryError(20, "Not a directory", str(folder))
+        with tempfile.TemporaryFile(dir=folder):
             pass
         if database.exists():
             with database.open("ab"):
                 pass
-        else:
+        elif create:
             create_sqlite_store(database)
     except OSError as error:
         raise TrackingStoreError(

@@ -170,13 +170,31 @@ class RetrievalScore(Detector):
     def validate(self, info: ModelInfo) -> None:
         check_selection(self.threshold, self.top_k, info)
 
+    def check_samples(self, samples: list[Sample]) -> None:
+        super().check_samples(samples)
+        if not any(self._span(s)[1] > self._span(s)[0] for s in samples):
+            raise ConfigError(f"retrieval_score has nothing to score: none of the {len(samples)} detection samples has a "
+                              f"needle (span={self.span!r} is empty in all of them); choose a needle task (niah, passkey)")
+
+    def why_no_heads(self, result: HeadScores) -> str:
+        kept, trials, recall = result.extra["kept_trials"], result.extra["trials"], result.extra["recall"]
+        if kept:
+            return f"{super().why_no_heads(result)} ({kept} of {trials} trials kept)"
+        return (f"no trial retrieved the needle: {kept} of {trials} detection trials reached min_recall={self.min_recall} "
+                f"(the best trial's recall was {max(recall):.2f}), so every score is 0 and neither a lower threshold nor "
+                "top_k gives meaningful heads; use more detection samples (task.detect_samples_per_cell), a lower "
+                "detector.min_recall, or shorter contexts")
+
     def recall(self, sample: Sample, output: str) -> float:
         """The task's score of the output, or the answer's word recall without a task."""
         return self.task.score(sample, output) if self.task else word_recall(sample.answer, output)
 
+    def _span(self, sample: Sample) -> tuple[int, int]:
+        return sample.answer_span if self.span == "answer" and sample.answer_span else sample.needle_span
+
     def trial(self, model: LoadedModel, sample: Sample) -> tuple[np.ndarray, str]:
         """One needle trial: [layers, heads] scores and the generated text."""
-        span = sample.answer_span if self.span == "answer" and sample.answer_span else sample.needle_span
+        span = self._span(sample)
         if self.mode == "topk_mass" and span[1] > span[0]:
             tokens, mass = greedy_rows(model, sample.input_ids, self.max_new_tokens, lambda row, first: topk_mass(row, first, span))
             scores = mass.sum(axis=0)
