@@ -135,6 +135,7 @@ def test_a_run_with_dose_controls_conditions_and_a_second_detector(tmp_path):
     assert metrics["claim/recall_drop.32"] == pytest.approx(metrics["recall/baseline"] - treated)
     assert (artifacts / "claim/lowfreq_dose.png").stat().st_size > 0
     assert run.data.tags["claim"] == "lowfreq_dose"
-    # 6 pairs, Holm over 2 doses: 2 * 2 / 2**6 = 0.0625 at best, so the run was tagged underpowered
-    assert run.data.tags["underpowered"] == "true" and float(run.data.params["plan/treatment_vs_control/min_p"]) == 0.0625
-    assert run.data.params["plan/treatment_vs_control/samples"] == "6"
+    # 2 pairs, Holm over 2 doses: min(1, 2 * 2 / 2**2) = 1 at best, so the run was tagged underpowered
+    assert run.data.tags["underpowered"] == "true" and float(run.data.params["plan/treatment_vs_control/min_p"]) == 1.0
+    assert run.data.params["plan/treatment_vs_control/samples"] == "2"
+    assert run.data.params["plan/treatment_vs_control/holm_family"] == "2"
