@@ -34,6 +34,7 @@ from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Callable, Iterable, Iterator, Literal, Sequence, get_args
 
 import numpy as np
@@ -54,6 +55,66 @@ PHASES: tuple[str, ...] = get_args(Phase)
 Vector = np.ndarray | torch.Tensor  # one value per head dimension
 ATTN_IMPLEMENTATION = "retrieval_heads"
 _ROW_CHUNK = 256
+
+
+@dataclass(frozen=True)
+class AttentionPass:
+    """What one layer's forward pass is, for edits whose pattern depends on positions
+    (:meth:`HeadEdit.bias`, :class:`StreamingWindow`).
+
+    Keys are indexed over the pass (cached keys first); query row ``i`` is key
+    ``key_length - query_length + i``. Batches are left-padded: sample ``b``'s first real key is
+    key ``pad[b]``, so a key's position in its own sample is its index minus ``pad[b]`` (negative
+    on padding). In a prefill ``pad`` is read from the mask (a real key is seen at least by its own
+    query; a pad key by none), in a decode step from the position ids (the new token is the last
+    key; generation derives positions from the padding) or, without them, from the mask's row.
+    """
+
+    layer: int
+    query_length: int
+    key_length: int
+    attention_mask: torch.Tensor | None  # SDPA convention, None = causal
+    position_ids: torch.Tensor | None  # [batch or 1, query_length], as the model passed them
+    batch: int
+
+    @classmethod
+    def of(cls, layer: int, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
+           position_ids: torch.Tensor | None) -> AttentionPass:
+        """The pass of a layer's query [batch, heads, q_len, dim] and key [batch, kv_heads, k_len, dim]."""
+        q_len, k_len = query.shape[2], key.shape[2]
+        if attention_mask is None and q_len > 1:
+            k_len = q_len  # SDPA crops a causal prefill's keys to the query length
+        return cls(layer, q_len, k_len, attention_mask, position_ids, query.shape[0])
+
+    @cached_property
+    def pad(self) -> torch.Tensor:
+        """[batch] left-pad keys per sample (computed on first use)."""
+        given = self.attention_mask if self.attention_mask is not None else self.position_ids
+        device = given.device if given is not None else None
+        if self.query_length == 1 and self.position_ids is not None:
+            last = self.position_ids[:, -1].to(device=device, dtype=torch.long)
+            return (self.key_length - 1 - last).expand(self.batch)
+        if self.attention_mask is None:
+            return torch.zeros(self.batch, dtype=torch.long, device=device)
+        seen = self.attention_mask[:, 0, :, : self.key_length]
+        seen = seen if seen.dtype == torch.bool else seen > float("-inf")
+        return (~seen.any(dim=1)).sum(dim=1).expand(self.batch)
+
+    @property
+    def decode(self) -> bool:
+        """Whether this is a one-token decode step."""
+        return self.query_length == 1
+
+    def query_positions(self, rows: torch.Tensor) -> torch.Tensor:
+        """[batch, len(rows)]: each query row's position in its own sample (negative on padding)."""
+        return (self.key_length - self.query_length + rows)[None, :] - self.pad[:, None]
+
+    def key_positions(self, keys: torch.Tensor | None = None) -> torch.Tensor:
+        """[batch, keys]: each key's position in its own sample (negative on padding); ``keys``:
+        key indices, all of the pass by default (or [batch, n] per sample)."""
+        if keys is None:
+            keys = torch.arange(self.key_length, device=self.pad.device)
+        return (keys if keys.dim() == 2 else keys[None, :]) - self.pad[:, None]
 
 
 class HeadEdit(ABC):
@@ -96,13 +157,17 @@ class HeadEdit(ABC):
         returned edited; under GQA an edit of one KV head reaches every query head it serves."""
         return key
 
-    def bias(self, layer: int, rows: torch.Tensor, key_length: int) -> torch.Tensor | None:
+    def bias(self, layer: int, rows: torch.Tensor, key_length: int, where: AttentionPass) -> torch.Tensor | None:
         """Additive logit bias for query ``rows`` of this pass, broadcastable to
         [batch, heads, len(rows), key_length] (0 leaves a head as it is; -inf removes a key), or
         None where this layer's pattern is unchanged.
 
         Indices count positions of the pass: in a prefill ``rows`` are query positions (in chunks),
-        in a decode step ``rows`` is ``[0]``, the new token, which is the last key. Batches are
+        in a decode step ``rows`` is ``[0]``, the new token, which is the last key. ``where``
+        (:class:`AttentionPass`) says what the pass is: its query and key lengths, each sample's
+        left padding, the position of every query row and key in its own sample, the mask and the
+        position ids; with it a bias can be written in sample positions (say, the first four real
+        tokens of each padded row) without any state from the other hooks. Batches are
         left-padded, so a sample's real tokens are the last ones of the pass and its first keys
         and rows may be padding; the bias is added to the mask, so pad keys stay masked whatever
         it says. A pad row has every key masked: it attends to nothing (probabilities 0, head
@@ -220,6 +285,50 @@ class HeadMasking(HeadEdit):
 
     def describe(self) -> dict[str, Any]:
         return {"head_masks": {f"{layer}.{head}": mode for (layer, head), mode in sorted(self.modes.items())}}
+
+
+class StreamingWindow(HeadEdit):
+    """Streaming heads (StreamingLLM; DuoAttention's and RazorAttention's non-retrieval heads):
+    each listed query head attends only to the first ``sink`` keys of its own sample and to the
+    last ``recent`` keys up to and including its query, within what the layer's mask allows.
+
+    The pattern is also a :meth:`bias`, which captured rows use, and so does a layer where another
+    edit biases the pattern or logits are soft-capped (the chunked manual path). Otherwise the
+    layer is computed without any length x length matrix and without that path: the other heads
+    by SDPA with the layer's own mask, the streaming heads by SDPA over a gather of their sink and
+    recent keys, one query chunk at a time (time and memory O(length x (sink + recent + chunk))).
+    """
+
+    def __init__(self, heads: Iterable[Head], n_heads: int, sink: int, recent: int):
+        if sink < 0 or recent < 1:
+            raise ValueError(f"a streaming window needs sink >= 0 and recent >= 1, got sink={sink}, recent={recent}")
+        self.streaming, self.n_heads, self.sink, self.recent = sorted(set(heads)), n_heads, sink, recent
+
+    @property
+    def heads(self) -> list[Head]:
+        return self.streaming
+
+    def allowed(self, where: AttentionPass, rows: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
+        """[batch, len(rows), keys] bool: which keys (all of the pass, or ``keys`` [batch, n]
+        indices) a streaming head's query ``rows`` may see, before the layer's own mask."""
+        query = where.query_positions(rows)[:, :, None]
+        key = where.key_positions(keys)[:, None, :]
+        distance = query - key
+        return (key >= 0) & (distance >= 0) & ((key < self.sink) | (distance < self.recent))
+
+    def bias(self, layer: int, rows: torch.Tensor, key_length: int, where: AttentionPass) -> torch.Tensor | None:
+        heads = self.layer_heads(layer)
+        if not heads:
+            return None
+        outside = torch.zeros(where.pad.shape[0], len(rows), key_length, device=rows.device)
+        outside.masked_fill_(~self.allowed(where, rows)[:, :, :key_length], float("-inf"))
+        bias = torch.zeros(where.pad.shape[0], self.n_heads, len(rows), key_length, device=rows.device)
+        bias[:, heads] = outside[:, None]
+        return bias
+
+    def describe(self) -> dict[str, Any]:
+        return {"streaming_heads": [f"{layer}.{head}" for layer, head in self.streaming],
+                "sink": self.sink, "recent": self.recent}
 
 
 @dataclass
@@ -489,7 +598,7 @@ def attention_rows(
 LogitBias = Callable[[torch.Tensor, int], torch.Tensor]  # (rows, key_length) -> additive bias
 
 
-def _layer_bias(parts: Sequence[HeadEdit], layer: int) -> LogitBias | None:
+def _layer_bias(parts: Sequence[HeadEdit], layer: int, where: AttentionPass) -> LogitBias | None:
     """The summed logit bias of the parts that change this layer's pattern, None if none does."""
     changing = [p for p in parts if type(p).bias is not HeadEdit.bias]
     if not changing:
@@ -498,7 +607,7 @@ def _layer_bias(parts: Sequence[HeadEdit], layer: int) -> LogitBias | None:
     def bias(rows: torch.Tensor, key_length: int) -> torch.Tensor:
         total = torch.zeros((), device=rows.device)
         for part in changing:
-            extra = part.bias(layer, rows, key_length)
+            extra = part.bias(layer, rows, key_length, where)
             if extra is not None:
                 total = total + extra.float()
         return total
@@ -558,6 +667,77 @@ def _manual_attention(
     return torch.cat(chunks, dim=2).transpose(1, 2).contiguous()
 
 
+def _sdpa_heads(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scaling: float,
+) -> torch.Tensor:
+    """SDPA of query [batch, heads, q, dim] against key and value with as many heads; ``mask``
+    bool (True = attend) or None (causal for a prefill). Rows with no key get output 0."""
+    if mask is None:
+        return torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, is_causal=query.shape[2] > 1, scale=scaling)
+    empty = ~mask.any(dim=-1, keepdim=True)
+    output = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=mask | empty, scale=scaling)
+    return output.masked_fill(empty, 0.0)
+
+
+def _bool_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The layer's mask as bool (True = attend); a float mask's finite entries attend."""
+    if attention_mask is None or attention_mask.dtype == torch.bool:
+        return attention_mask
+    return attention_mask > float("-inf")
+
+
+def _windowed_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
+    scaling: float, window: StreamingWindow, where: AttentionPass,
+) -> torch.Tensor:
+    """Attention output [batch, q_len, heads, dim] of a layer with streaming heads, without the
+    manual path (see :class:`StreamingWindow`). Keys are gathered per query head (GQA: the key
+    of its KV group); for streaming heads only sink + recent + chunk keys are ever gathered."""
+    batch, n_heads, q_len, head_dim = query.shape
+    group = n_heads // key.shape[1]
+    if attention_mask is None and q_len > 1:
+        key, value = key[:, :, :q_len], value[:, :, :q_len]
+    mask = _bool_mask(attention_mask)
+    streaming = window.layer_heads(where.layer)
+    full = [h for h in range(n_heads) if h not in set(streaming)]
+    output = query.new_empty(batch, n_heads, q_len, value.shape[-1])
+    if full:
+        kv = torch.tensor([h // group for h in full], device=query.device)
+        output[:, full] = _sdpa_heads(query[:, full], key[:, kv], value[:, kv], mask, scaling)
+    kv = torch.tensor([h // group for h in streaming], device=query.device)
+    stream_query, stream_key, stream_value = query[:, streaming], key[:, kv], value[:, kv]
+    offset, batch_index = where.key_length - q_len, torch.arange(batch, device=query.device)[:, None]
+    for start in range(0, q_len, _ROW_CHUNK):
+        rows = torch.arange(start, min(start + _ROW_CHUNK, q_len), device=query.device)
+        # keys that a row of the chunk may see: the sample's first `sink` keys (from each row's own
+        # first real key), then the recent span; a key in both is kept once, in the recent span
+        low = max(0, offset + start - window.recent + 1)
+        recent = torch.arange(low, offset + int(rows[-1]) + 1, device=query.device).expand(batch, -1)
+        sink = (where.pad[:, None] + torch.arange(window.sink, device=query.device)).clamp(max=where.key_length - 1)
+        keys = torch.cat([sink, recent], dim=1)  # [batch, n]
+        position = where.key_positions(keys)[:, None, :]
+        distance = where.query_positions(rows)[:, :, None] - position
+        in_sink = torch.arange(keys.shape[1], device=query.device) < window.sink
+        allowed = (position >= 0) & (distance >= 0) & torch.where(
+            in_sink, (position < window.sink) & (distance >= window.recent), distance < window.recent)
+        if mask is not None:
+            layer_mask = mask[:, 0, rows, : where.key_length]  # the mask has a row per query
+            allowed &= torch.gather(layer_mask.expand(batch, -1, -1), 2, keys[:, None, :].expand(-1, len(rows), -1))
+        gathered_key = stream_key[batch_index, :, keys].transpose(1, 2)  # [batch, heads, n, dim]
+        gathered_value = stream_value[batch_index, :, keys].transpose(1, 2)
+        output[:, streaming, start: start + len(rows)] = _sdpa_heads(
+            stream_query[:, :, rows], gathered_key, gathered_value, allowed[:, None], scaling)
+    return output.transpose(1, 2).contiguous()
+
+
+def _single_window(parts: Sequence[HeadEdit], layer: int) -> StreamingWindow | None:
+    """The one streaming window of this layer where it is the layer's only pattern change."""
+    windows = [p for p in parts if isinstance(p, StreamingWindow) and p.layer_heads(layer)]
+    others = [p for p in parts if type(p).bias is not HeadEdit.bias and not isinstance(p, StreamingWindow)]
+    return windows[0] if len(windows) == 1 and not others else None
+
+
 def instrumented_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -576,13 +756,18 @@ def instrumented_attention(
     parts = plan.parts_for(query.shape[2]) if plan is not None else []
     for part in parts:
         query, key = part.query(layer, query), part.key(layer, key)
-    bias = _layer_bias(parts, layer)
+    where = AttentionPass.of(layer, query, key, attention_mask, kwargs.get("position_ids"))
+    patterned = [p for p in parts if not isinstance(p, StreamingWindow) or p.layer_heads(layer)]
+    bias = _layer_bias(patterned, layer, where)
+    window = _single_window(parts, layer) if softcap is None else None
     rows = plan.capture.rows_for(query) if plan is not None and plan.capture is not None else None
     if rows is not None:
         plan.capture.sink(layer, _probs(query, key, attention_mask, scaling, rows, softcap, bias))
     if plan is not None and plan.inputs is not None:
         plan.inputs(layer, AttentionInputs(query, key, value, attention_mask, scaling, softcap))
-    if softcap is not None or bias is not None:
+    if window is not None:
+        output = _windowed_attention(query, key, value, attention_mask, scaling, window, where)
+    elif softcap is not None or bias is not None:
         output = _manual_attention(query, key, value, attention_mask, scaling, softcap, bias)
     else:
         output, _ = sdpa_attention_forward(

@@ -76,9 +76,23 @@ class Plan:
     def n_conditions(self) -> int:
         return 2 * max(1, len(self.doses)) + len(self.extras) + self.controls
 
+    def check_lengths(self, lengths: list[int]) -> None:
+        """Every intervention learns the evaluation prompt lengths (and may refuse them)."""
+        for intervention in (self.intervention, *self.extras.values()):
+            intervention.check_lengths(lengths)
+
     def prepare(self, model: LoadedModel, samples: list[Sample]) -> None:
         for intervention in (self.intervention, *self.extras.values()):
             intervention.prepare(model, samples)
+
+    def condition_metrics(self, model: LoadedModel, conditions: list[Condition]) -> dict[str, float]:
+        """Each condition's metrics from the intervention that built it, as ``<metric>/<label>``."""
+        metrics = {}
+        for condition in conditions:
+            intervention = self.extras.get(condition.label, self.intervention)
+            for name, value in intervention.condition_metrics(model, condition.edit).items():
+                metrics[f"{name}/{condition.label}"] = float(value)
+        return metrics
 
     def conditions(self, model: LoadedModel, scores: HeadScores, control_seed: int) -> list[Condition]:
         """Every condition of the run, in evaluation order (nulls last)."""

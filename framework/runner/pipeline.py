@@ -159,6 +159,8 @@ def run(
             plugin.validate(info)
     plan = Plan.from_config(config, registry, info) if config.get("intervention") else None
     estimate = planner.estimate_run(config, registry, task, detector, extra_detectors, plan.n_conditions if plan else 0)
+    if plan is not None:
+        plan.check_lengths([len(s.input_ids) for s in estimate.eval_samples])
     if config.get("dry_run"):
         return RunContext(config=dict(config), run_id="")  # the plan is printed; no run is created
 
@@ -212,6 +214,7 @@ def run(
                     plan.prepare(model, detect_samples)
                 context.conditions.extend(plan.conditions(model, context.head_scores, config["control_seed"]))
                 mlflow.log_dict({c.label: c.describe() for c in context.conditions}, "intervention/edits.json")
+                mlflow.log_metrics(plan.condition_metrics(model, context.conditions))
                 for condition in context.conditions:
                     steps.start(condition.label, f"{condition.intervention} on {len(condition.edit.heads)} heads, "
                                 f"{len(samples)} samples")

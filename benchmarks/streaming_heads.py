@@ -1,0 +1,105 @@
+"""Streaming heads in ``cache: masked`` mode against plain SDPA: time and peak memory of one
+whole-model forward of the embedded SmolLM2 (the prefill of a prompt, ``logits_to_keep=1``), at
+each length, side by side in one run, printed as ratios (goal: at most 1.15x in both).
+
+Modes: ``sdpa`` (no edit: the registered attention function, plain SDPA), ``masked`` (a third of
+the KV heads of every layer kept full, the rest streaming with sink 4 + recent 256, the
+intervention's defaults: :class:`framework.model.attention.StreamingWindow`'s SDPA path) and, with
+``--manual``, the same window forced onto the chunked manual path (what a logit-bias edit costs).
+Each measurement runs in a fresh subprocess; its peak memory is the growth of the process's peak
+RSS (VmHWM reset after the model loads, glibc's mmap threshold fixed so freed tensors leave at
+once); its time is the median of ``--repeats`` forwards after a warm-up.
+
+Usage: python benchmarks/streaming_heads.py [--lengths 2048 8192] [--repeats 3] [--manual]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's framework, not an installed one
+SINK, RECENT = 4, 256
+
+
+def _kib(field: str) -> int:
+    return int(re.search(rf"{field}:\s+(\d+)", open("/proc/self/status").read()).group(1))
+
+
+def measure(mode: str, length: int, repeats: int) -> dict[str, float]:
+    import torch
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from framework.api import AttentionEdit, HeadEdit, StreamingWindow, instrumented, load_model
+
+    class ForceManual(HeadEdit):
+        heads: list = []
+
+        def bias(self, layer, rows, key_length, where):
+            return torch.zeros(1, 1, len(rows), key_length)
+
+    torch.set_grad_enabled(False)
+    with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
+        spec = OmegaConf.to_container(compose("config"), resolve=True)["model"]
+    model = load_model(spec)
+    info = model.info
+    group = info.n_heads // info.n_kv_heads
+    kept = max(1, info.n_kv_heads // 3)
+    streaming = [(layer, h) for layer in range(info.n_layers) for h in range(kept * group, info.n_heads)]
+    window = StreamingWindow(streaming, info.n_heads, SINK, RECENT)
+    edit = {"sdpa": None, "masked": AttentionEdit(parts=[window]),
+            "manual": AttentionEdit(parts=[window, ForceManual()])}[mode]
+    ids = torch.randint(10, 1000, (1, length), generator=torch.Generator().manual_seed(0))
+
+    def forward() -> None:
+        with instrumented(model.model, edit):
+            model.model(input_ids=ids, use_cache=False, logits_to_keep=1)
+
+    forward()  # warm-up
+    with open("/proc/self/clear_refs", "w") as handle:
+        handle.write("5")  # reset VmHWM to the current RSS
+    before = _kib("VmRSS")
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        forward()
+        times.append(time.perf_counter() - start)
+    return {"seconds": statistics.median(times), "peak_mib": (_kib("VmHWM") - before) / 1024}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--manual", action="store_true", help="also time the window on the chunked manual path")
+    parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # internal: MODE LENGTH in this process
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(measure(args.one[0], int(args.one[1]), args.repeats)))
+        return
+    modes = ["sdpa", "masked"] + (["manual"] if args.manual else [])
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "HF_HUB_OFFLINE": "1"}
+    print(f"SmolLM2 forward, streaming heads sink {SINK} + recent {RECENT}, a third of the KV heads kept full")
+    print(f"{'length':>7} {'mode':>7} {'seconds':>8} {'peak MiB':>9} {'time x':>7} {'memory x':>9}")
+    for length in args.lengths:
+        results = {}
+        for mode in modes:
+            out = subprocess.run([sys.executable, __file__, "--one", mode, str(length), "--repeats", str(args.repeats)],
+                                 capture_output=True, text=True, env=env, check=True)
+            results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
+        base = results["sdpa"]
+        for mode, result in results.items():
+            print(f"{length:>7} {mode:>7} {result['seconds']:>8.2f} {result['peak_mib']:>9.1f} "
+                  f"{result['seconds'] / base['seconds']:>7.2f} {result['peak_mib'] / max(base['peak_mib'], 1e-9):>9.2f}")
+
+
+if __name__ == "__main__":
+    main()
