@@ -10,7 +10,11 @@ Each measurement runs in a fresh subprocess; its peak memory is the growth of th
 RSS (VmHWM reset after the model loads, glibc's mmap threshold fixed so freed tensors leave at
 once); its time is the median of ``--repeats`` forwards after a warm-up.
 
-Usage: python benchmarks/streaming_heads.py [--lengths 2048 8192] [--repeats 3] [--manual]
+``--threads`` sets torch's intra-op threads in every measurement (both modes alike): on a machine
+that other processes keep busy, many small ops each wait for a second thread's time slice, which
+penalises the chunked window far more than one large SDPA; one thread measures the work itself.
+
+Usage: python benchmarks/streaming_heads.py [--lengths 2048 8192] [--repeats 3] [--manual] [--threads N]
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ def _kib(field: str) -> int:
     return int(re.search(rf"{field}:\s+(\d+)", open("/proc/self/status").read()).group(1))
 
 
-def measure(mode: str, length: int, repeats: int) -> dict[str, float]:
+def measure(mode: str, length: int, repeats: int, threads: int | None) -> dict[str, float]:
     import torch
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
@@ -47,6 +51,8 @@ def measure(mode: str, length: int, repeats: int) -> dict[str, float]:
             return torch.zeros(1, 1, len(rows), key_length)
 
     torch.set_grad_enabled(False)
+    if threads:
+        torch.set_num_threads(threads)
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parents[1] / "conf"), version_base="1.3"):
         spec = OmegaConf.to_container(compose("config"), resolve=True)["model"]
     model = load_model(spec)
@@ -80,19 +86,22 @@ def main() -> None:
     parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 8192])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--manual", action="store_true", help="also time the window on the chunked manual path")
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own)")
     parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # internal: MODE LENGTH in this process
     args = parser.parse_args()
     if args.one:
-        print(json.dumps(measure(args.one[0], int(args.one[1]), args.repeats)))
+        print(json.dumps(measure(args.one[0], int(args.one[1]), args.repeats, args.threads)))
         return
     modes = ["sdpa", "masked"] + (["manual"] if args.manual else [])
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "HF_HUB_OFFLINE": "1"}
-    print(f"SmolLM2 forward, streaming heads sink {SINK} + recent {RECENT}, a third of the KV heads kept full")
+    print(f"SmolLM2 forward, streaming heads sink {SINK} + recent {RECENT}, a third of the KV heads kept full, "
+          f"threads: {args.threads or 'torch default'}")
     print(f"{'length':>7} {'mode':>7} {'seconds':>8} {'peak MiB':>9} {'time x':>7} {'memory x':>9}")
     for length in args.lengths:
         results = {}
         for mode in modes:
-            out = subprocess.run([sys.executable, __file__, "--one", mode, str(length), "--repeats", str(args.repeats)],
+            out = subprocess.run([sys.executable, __file__, "--one", mode, str(length), "--repeats", str(args.repeats)]
+                                 + (["--threads", str(args.threads)] if args.threads else []),
                                  capture_output=True, text=True, env=env, check=True)
             results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
         base = results["sdpa"]

@@ -200,3 +200,61 @@ def test_bad_options_are_refused_in_one_line(options, message):
 def test_window_as_long_as_the_context_is_refused():
     with pytest.raises(ConfigError, match="shortest prompt"):
         StreamingHeads(sink=4, recent=256).check_lengths([260, 1024])
+
+
+# --- the evicting cache ---------------------------------------------------------------------------
+
+
+def evictable(model) -> list[tuple[int, int]]:
+    """KV group 1 of every full-attention layer streams, and in the last one group 0 too (no KV head kept)."""
+    layers = full_attention_layers(prepare(model, None, "tiny"))
+    group = N_HEADS // N_KV
+    return [(l, h) for l in layers for h in range(N_HEADS) if h >= group or l == layers[-1]]
+
+
+@pytest.mark.parametrize("prefill", [True, False])
+@pytest.mark.parametrize("name", NAMES)
+def test_evicted_cache_gives_the_masked_outputs(name, prefill):
+    model = family(name)
+    heads = evictable(model)
+    masked = AttentionEdit(parts=[StreamingWindow(heads, N_HEADS, SINK, RECENT, prefill=prefill)])
+    evicted = AttentionEdit(parts=[StreamingWindow(heads, N_HEADS, SINK, RECENT, prefill=prefill, evict=True)])
+    ids, mask = padded_batch([SEQ, 5])  # the short one's sink leaves the recent span while decoding
+    tokens, logits = greedy(model, ids, mask, masked, steps=8)
+    with evicted.kv_cache(model) as cache:
+        with torch.no_grad(), instrumented(model, evicted):
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=8, do_sample=False, cache=cache,
+                                 output_logits=True, return_dict_in_generate=True, pad_token_id=0)
+        assert all(layer.evicted for layer in cache.layers if hasattr(layer, "evict"))
+    torch.testing.assert_close(torch.stack(out.logits, 1), logits, atol=2e-5, rtol=1e-4)
+    assert torch.equal(out.sequences, tokens)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_evicted_bytes_follow_the_formula(name):
+    from framework.model.kv_cache import cache_nbytes
+    from transformers import DynamicCache
+
+    model = family(name)
+    heads = evictable(model)
+    edit = AttentionEdit(parts=[StreamingWindow(heads, N_HEADS, SINK, RECENT, evict=True)])
+    ids = torch.randint(3, 256, (1, SEQ), generator=torch.Generator().manual_seed(1))
+    full = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=ids, cache=full, use_cache=True)
+        with edit.kv_cache(model) as cache, instrumented(model, edit):
+            model(input_ids=ids, cache=cache, use_cache=True)
+            measured = cache_nbytes(cache)
+    streaming_kv = len(heads) // (N_HEADS // N_KV)
+    per_entry = 2 * model.config.head_dim * 4  # key and value, float32, batch 1
+    assert measured == cache_nbytes(full) - streaming_kv * per_entry * (SEQ - SINK - RECENT)
+    loaded = prepare(model, None, name)
+    layers = full_attention_layers(loaded)
+    plugin = StreamingHeads(sink=SINK, recent=RECENT, cache="evicted")
+    plugin.check_lengths([SEQ])
+    treatment = plugin.treatment(loaded, [(l, 0) for l in layers[:-1]])  # the same KV heads kept as above
+    assert treatment.parts[0].heads == heads
+    fraction = plugin.condition_metrics(loaded, treatment)["kv/fraction_kept"]
+    if len(layers) == loaded.info.n_layers:  # no sliding layer: the intervention's accounting is the cache's
+        r = (len(layers) * N_KV - streaming_kv) / (len(layers) * N_KV)
+        assert fraction == pytest.approx(measured / cache_nbytes(full)) == pytest.approx(r + (1 - r) * (SINK + RECENT) / SEQ)

@@ -12,7 +12,12 @@ sample and the last ``recent`` keys before each query (itself included).
   cache is evicted after the prefill (SnapKV / kvpress style).
 * ``keep: selected`` keeps the detected heads; ``none`` keeps no head full (StreamingLLM, the
   ``all_streaming`` condition at the same window).
-* ``cache: masked``: the attention pattern is restricted; every head's keys stay in the cache.
+* ``cache: masked``: the attention pattern is restricted; every head's keys stay in the cache
+  (a research setting, for any family). ``evicted``: generation uses a real compressed KV cache
+  (:mod:`framework.model.kv_cache`) that keeps only the sink and recent entries of streaming KV
+  heads, so memory really falls; same outputs as ``masked`` (tested on every family). It needs
+  ``granularity: kv_head``, and a family whose cache is transformers' dynamic cache
+  (:data:`EVICTABLE_FAMILIES`).
 
 Sliding-window layers (Gemma-2/3, Mistral with a window) already stream and are left as they
 are: only full-attention layers are compressed.
@@ -44,7 +49,9 @@ from framework.api import (
 
 GRANULARITIES = ("kv_head", "query_head")
 PREFILLS = ("windowed", "full")
-CACHES = ("masked",)
+CACHES = ("masked", "evicted")
+EVICTABLE_FAMILIES = ("llama", "mistral", "qwen2", "olmo2", "gemma2", "gemma3_text", "gemma3")
+"""Families whose KV cache is transformers' dynamic cache, per layer, tested with ``cache: evicted``."""
 KEEPS = ("selected", "none")
 
 
@@ -73,6 +80,9 @@ class StreamingHeads(Intervention):
         if isinstance(recent, bool) or not isinstance(recent, int) or recent < 1:
             raise ConfigError(f"streaming_heads recent={recent!r} is impossible: the recent window is an int >= 1 "
                               "(it includes the query itself)")
+        if cache == "evicted" and granularity != "kv_head":
+            raise ConfigError("streaming_heads cache=evicted needs granularity=kv_head: under GQA a KV head can only be "
+                              "evicted when all of its query heads stream (query_head is a masking-only study)")
         self.sink, self.recent = sink, recent
         self.granularity, self.prefill, self.cache, self.keep = granularity, prefill, cache, keep
         self.longest: int | None = None
@@ -86,6 +96,9 @@ class StreamingHeads(Intervention):
         self.longest = max(lengths)
 
     def validate(self, info: ModelInfo) -> None:
+        if self.cache == "evicted" and info.family not in EVICTABLE_FAMILIES:
+            raise ConfigError(f"streaming_heads cache=evicted: the cache of family {info.family!r} ({info.name}) cannot be "
+                              f"evicted; families that can: {', '.join(EVICTABLE_FAMILIES)} (or use cache=masked)")
         if self.granularity == "kv_head" and info.n_heads % info.n_kv_heads:
             raise ConfigError(f"streaming_heads granularity=kv_head: {info.n_heads} query heads do not split into "
                               f"{info.n_kv_heads} KV groups")
@@ -102,8 +115,9 @@ class StreamingHeads(Intervention):
             raise ConfigError(f"streaming_heads: {model.info.name} has no full-attention layer to compress")
         streaming = [(layer, head) for layer in layers for head in range(model.info.n_heads)
                      if (layer, head // group) not in kept_units]
-        window = StreamingWindow(streaming, model.info.n_heads, self.sink, self.recent)
-        return AttentionEdit(parts=[window], phase="both" if self.prefill == "windowed" else "decode")
+        window = StreamingWindow(streaming, model.info.n_heads, self.sink, self.recent,
+                                 prefill=self.prefill == "windowed", evict=self.cache == "evicted")
+        return AttentionEdit(parts=[window])
 
     def kept_units(self, model: LoadedModel, heads: list[Head]) -> set[tuple[int, int]]:
         """The (layer, unit) kept full for ``heads``: their KV heads, or the query heads themselves."""
