@@ -6,9 +6,10 @@ Modes: ``sdpa`` (no edit: the registered attention function, plain SDPA), ``mask
 the KV heads of every layer kept full, the rest streaming with sink 4 + recent 256, the
 intervention's defaults: :class:`framework.model.attention.StreamingWindow`'s SDPA path) and, with
 ``--manual``, the same window forced onto the chunked manual path (what a logit-bias edit costs).
-Each measurement runs in a fresh subprocess; its peak memory is the growth of the process's peak
-RSS (VmHWM reset after the model loads, glibc's mmap threshold fixed so freed tensors leave at
-once); its time is the median of ``--repeats`` forwards after a warm-up.
+Times come from one subprocess per length that alternates the modes round by round (a change in
+the machine's load then hits every mode alike) and keeps each mode's fastest round. Peak memory
+comes from a fresh subprocess per mode: the growth of its peak RSS over one forward after a
+warm-up one (VmHWM reset just before, glibc's mmap threshold fixed so freed tensors leave at once).
 
 ``--threads`` sets torch's intra-op threads in every measurement (both modes alike): on a machine
 that other processes keep busy, many small ops each wait for a second thread's time slice, which
@@ -23,7 +24,6 @@ import argparse
 import json
 import os
 import re
-import statistics
 import subprocess
 import sys
 import time
@@ -37,12 +37,12 @@ def _kib(field: str) -> int:
     return int(re.search(rf"{field}:\s+(\d+)", open("/proc/self/status").read()).group(1))
 
 
-def measure(mode: str, length: int, repeats: int, threads: int | None) -> dict[str, float]:
+def _models_and_edits(threads: int | None) -> tuple[object, dict[str, object]]:
     import torch
     from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
-    from framework.api import AttentionEdit, HeadEdit, StreamingWindow, instrumented, load_model
+    from framework.api import AttentionEdit, HeadEdit, StreamingWindow, load_model
 
     class ForceManual(HeadEdit):
         heads: list = []
@@ -61,24 +61,44 @@ def measure(mode: str, length: int, repeats: int, threads: int | None) -> dict[s
     kept = max(1, info.n_kv_heads // 3)
     streaming = [(layer, h) for layer in range(info.n_layers) for h in range(kept * group, info.n_heads)]
     window = StreamingWindow(streaming, info.n_heads, SINK, RECENT)
-    edit = {"sdpa": None, "masked": AttentionEdit(parts=[window]),
-            "manual": AttentionEdit(parts=[window, ForceManual()])}[mode]
+    return model, {"sdpa": None, "masked": AttentionEdit(parts=[window]),
+                   "manual": AttentionEdit(parts=[window, ForceManual()])}
+
+
+def _forward(model, edit, length: int) -> None:
+    import torch
+
+    from framework.api import instrumented
+
     ids = torch.randint(10, 1000, (1, length), generator=torch.Generator().manual_seed(0))
+    with instrumented(model.model, edit):
+        model.model(input_ids=ids, use_cache=False, logits_to_keep=1)
 
-    def forward() -> None:
-        with instrumented(model.model, edit):
-            model.model(input_ids=ids, use_cache=False, logits_to_keep=1)
 
-    forward()  # warm-up
+def measure_times(modes: list[str], length: int, repeats: int, threads: int | None) -> dict[str, float]:
+    """Seconds per forward of each mode, alternating modes round by round (so a change in the
+    machine's load hits every mode alike), the fastest round of each."""
+    model, edits = _models_and_edits(threads)
+    times: dict[str, list[float]] = {mode: [] for mode in modes}
+    for mode in modes:
+        _forward(model, edits[mode], length)  # warm-up
+    for _ in range(repeats):
+        for mode in modes:
+            start = time.perf_counter()
+            _forward(model, edits[mode], length)
+            times[mode].append(time.perf_counter() - start)
+    return {mode: min(values) for mode, values in times.items()}
+
+
+def measure_memory(mode: str, length: int, threads: int | None) -> float:
+    """MiB the peak RSS grows by over one forward (after a warm-up one)."""
+    model, edits = _models_and_edits(threads)
+    _forward(model, edits[mode], length)
     with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")  # reset VmHWM to the current RSS
     before = _kib("VmRSS")
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        forward()
-        times.append(time.perf_counter() - start)
-    return {"seconds": statistics.median(times), "peak_mib": (_kib("VmHWM") - before) / 1024}
+    _forward(model, edits[mode], length)
+    return (_kib("VmHWM") - before) / 1024
 
 
 def main() -> None:
@@ -87,27 +107,32 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--manual", action="store_true", help="also time the window on the chunked manual path")
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own)")
-    parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # internal: MODE LENGTH in this process
+    parser.add_argument("--one", nargs=2, help=argparse.SUPPRESS)  # internal: WHAT LENGTH in this process
     args = parser.parse_args()
-    if args.one:
-        print(json.dumps(measure(args.one[0], int(args.one[1]), args.repeats, args.threads)))
-        return
     modes = ["sdpa", "masked"] + (["manual"] if args.manual else [])
+    if args.one:
+        what, length = args.one[0], int(args.one[1])
+        result = measure_times(modes, length, args.repeats, args.threads) if what == "times" else \
+            measure_memory(what, length, args.threads)
+        print(json.dumps(result))
+        return
     env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536", "HF_HUB_OFFLINE": "1"}
+
+    def child(what: str, length: int):
+        command = [sys.executable, __file__, "--one", what, str(length), "--repeats", str(args.repeats)]
+        command += (["--threads", str(args.threads)] if args.threads else []) + (["--manual"] if args.manual else [])
+        out = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
     print(f"SmolLM2 forward, streaming heads sink {SINK} + recent {RECENT}, a third of the KV heads kept full, "
-          f"threads: {args.threads or 'torch default'}")
+          f"threads: {args.threads or 'torch default'}, fastest of {args.repeats} alternating rounds")
     print(f"{'length':>7} {'mode':>7} {'seconds':>8} {'peak MiB':>9} {'time x':>7} {'memory x':>9}")
     for length in args.lengths:
-        results = {}
+        seconds = child("times", length)
+        memory = {mode: child(mode, length) for mode in modes}
         for mode in modes:
-            out = subprocess.run([sys.executable, __file__, "--one", mode, str(length), "--repeats", str(args.repeats)]
-                                 + (["--threads", str(args.threads)] if args.threads else []),
-                                 capture_output=True, text=True, env=env, check=True)
-            results[mode] = json.loads(out.stdout.strip().splitlines()[-1])
-        base = results["sdpa"]
-        for mode, result in results.items():
-            print(f"{length:>7} {mode:>7} {result['seconds']:>8.2f} {result['peak_mib']:>9.1f} "
-                  f"{result['seconds'] / base['seconds']:>7.2f} {result['peak_mib'] / max(base['peak_mib'], 1e-9):>9.2f}")
+            print(f"{length:>7} {mode:>7} {seconds[mode]:>8.2f} {memory[mode]:>9.1f} {seconds[mode] / seconds['sdpa']:>7.2f} "
+                  f"{memory[mode] / max(memory['sdpa'], 1e-9):>9.2f}", flush=True)
 
 
 if __name__ == "__main__":

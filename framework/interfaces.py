@@ -159,6 +159,12 @@ class Intervention(ABC):
         them), logged as ``<metric>/<condition label>``, e.g. ``kv/fraction_kept/control``."""
         return {}
 
+    def select(self, scores: HeadScores, heads: list[Head]) -> list[Head]:
+        """The heads this intervention acts on, from the detector's ``scores`` and its ``heads``
+        (its selection, or the top ones at a ``heads`` dose); the default keeps ``heads``. E.g. the
+        lowest-scoring heads, as many as selected, for a condition at the same budget."""
+        return heads
+
     @abstractmethod
     def treatment(self, model: LoadedModel, heads: list[Head]) -> AttentionEdit:
         """The edit under test, applied to ``heads``."""

@@ -732,6 +732,23 @@ def _sdpa_heads(
     return output.masked_fill_(empty, 0.0) if has_empty else output
 
 
+def _group_sdpa(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: list[int], group: int,
+    mask: torch.Tensor | None, scaling: float,
+) -> torch.Tensor:
+    """SDPA of the query heads ``heads`` (query [batch, len(heads), q, dim]) over the whole key and
+    value of their KV heads: whole KV groups without a mask share their KV head (GQA, no copy per
+    query head), as transformers' SDPA path does; otherwise each query head gets its KV head's."""
+    kv = sorted({h // group for h in heads})
+    if mask is None and heads == [k * group + g for k in kv for g in range(group)]:
+        index = torch.tensor(kv, device=key.device)
+        return torch.nn.functional.scaled_dot_product_attention(
+            query, key.index_select(1, index), value.index_select(1, index), is_causal=query.shape[2] > 1,
+            scale=scaling, enable_gqa=True)
+    index = torch.tensor([h // group for h in heads], device=key.device)
+    return _sdpa_heads(query, key[:, index], value[:, index], mask, scaling)
+
+
 def _bool_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
     """The layer's mask as bool (True = attend); a float mask's finite entries attend."""
     if attention_mask is None or attention_mask.dtype == torch.bool:
@@ -758,14 +775,13 @@ def _windowed_attention(
     outputs: dict[str, torch.Tensor] = {}
     device = query.device
     if full:
-        kv = torch.tensor([h // group for h in full], device=device)
-        outputs["full"] = _sdpa_heads(query[:, full], key[:, kv], value[:, kv], mask, scaling)
+        outputs["full"] = _group_sdpa(query[:, full], key, value, full, group, mask, scaling)
     kv = torch.tensor([h // group for h in streaming], device=device)
-    stream_query, stream_key, stream_value = query[:, streaming], key[:, kv], value[:, kv]
+    stream_query = query[:, streaming]
     offset, sink, recent = where.key_length - q_len, window.sink, window.recent
     sink_index = (where.pad[:, None] + torch.arange(sink, device=device)).clamp(max=where.key_length - 1)  # [batch, sink]
-    gather = sink_index[:, None, :, None].expand(-1, len(streaming), -1, head_dim)
-    sink_key, sink_value = torch.gather(stream_key, 2, gather), torch.gather(stream_value, 2, gather)
+    gather = sink_index[:, None, :, None].expand(-1, key.shape[1], -1, head_dim)
+    sink_key, sink_value = torch.gather(key, 2, gather), torch.gather(value, 2, gather)  # every KV head: small
     sink_position = where.key_positions(sink_index)[:, None, :]  # [batch, 1, sink]
     sink_real = (sink_position >= 0) & (sink_position < sink)
     bands: dict[tuple[int, int], torch.Tensor] = {}
@@ -786,8 +802,8 @@ def _windowed_attention(
             layer_mask = mask[:, 0, rows, : where.key_length].expand(batch, -1, -1)  # the mask has a row per query
             allowed &= torch.cat([torch.gather(layer_mask, 2, sink_index[:, None, :].expand(-1, len(rows), -1)),
                                   layer_mask[:, :, low:high]], dim=2)
-        chunk_key = torch.cat([sink_key, stream_key[:, :, low:high]], dim=2)
-        chunk_value = torch.cat([sink_value, stream_value[:, :, low:high]], dim=2)
+        chunk_key = torch.cat([sink_key, key[:, :, low:high]], dim=2)[:, kv]  # per streaming head: small
+        chunk_value = torch.cat([sink_value, value[:, :, low:high]], dim=2)[:, kv]
         empty = (query_position < 0)[:, None] if mask is None else None  # pad rows see nothing
         chunks.append(_sdpa_heads(stream_query[:, :, start: start + len(rows)], chunk_key, chunk_value,
                                   allowed[:, None], scaling, empty))

@@ -15,8 +15,10 @@ Every condition is an :class:`AttentionEdit` evaluated on the same samples as th
 * ``controls: K``: K more random controls, seeds ``[control_seed, 1..K]`` (for head masks:
   random head sets matched per layer), whose recalls form the null distribution the
   treatment's recall is tested against (seed 000's layer-clustered permutation);
-* ``conditions: {label: intervention}``: further interventions on the same heads, each
-  evaluated as the condition ``label`` (e.g. Chiang & Yogatama's first/last-n dims grid).
+* ``conditions: {label: intervention}``: further interventions on the same heads (the largest
+  dose's, in a dose run), each evaluated as the condition ``label`` (e.g. Chiang & Yogatama's
+  first/last-n dims grid); an intervention may pick other heads from the scores
+  (:meth:`Intervention.select`, e.g. ``streaming_heads keep=lowest``: as many of the lowest-scoring).
 """
 
 from __future__ import annotations
@@ -101,6 +103,7 @@ class Plan:
         if self.doses:
             for value in self.doses:
                 variant, dosed_heads = _at_dose(self.intervention, self.dose_param, value, model.info, scores)
+                dosed_heads = variant.select(scores, dosed_heads)
                 suffix = f".{self.dose_param}_{dose_text(value)}"
                 planned += [
                     Condition("treatment" + suffix, "treatment", name, variant.treatment(model, dosed_heads), value),
@@ -108,15 +111,18 @@ class Plan:
                               variant.control(model, dosed_heads, np.random.default_rng(control_seed)), value),
                 ]
             reference, heads = _at_dose(self.intervention, self.dose_param, self.doses[-1], model.info, scores)
+            acted = reference.select(scores, heads)
         else:
             reference = self.intervention
+            acted = reference.select(scores, heads)
             planned += [
-                Condition("treatment", "treatment", name, reference.treatment(model, heads)),
-                Condition("control", "control", name, reference.control(model, heads, np.random.default_rng(control_seed))),
+                Condition("treatment", "treatment", name, reference.treatment(model, acted)),
+                Condition("control", "control", name, reference.control(model, acted, np.random.default_rng(control_seed))),
             ]
-        planned += [Condition(label, "extra", extra.name, extra.treatment(model, heads)) for label, extra in self.extras.items()]
+        planned += [Condition(label, "extra", extra.name, extra.treatment(model, extra.select(scores, heads)))
+                    for label, extra in self.extras.items()]
         planned += [
-            Condition(f"null.{i}", "null", name, reference.control(model, heads, np.random.default_rng([control_seed, i])))
+            Condition(f"null.{i}", "null", name, reference.control(model, acted, np.random.default_rng([control_seed, i])))
             for i in range(1, self.controls + 1)
         ]
         return planned

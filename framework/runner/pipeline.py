@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 
 from framework import plots
+from framework.analysis import kv_budget
 from framework.interfaces import BASELINE, Condition, ConfigError, LoadedModel, RunContext, Sample, Task
 from framework.model.attention import AttentionEdit
 from framework.model.generation import NonFiniteLogits, greedy_generate
@@ -214,7 +215,8 @@ def run(
                     plan.prepare(model, detect_samples)
                 context.conditions.extend(plan.conditions(model, context.head_scores, config["control_seed"]))
                 mlflow.log_dict({c.label: c.describe() for c in context.conditions}, "intervention/edits.json")
-                mlflow.log_metrics(plan.condition_metrics(model, context.conditions))
+                context.metrics.update(plan.condition_metrics(model, context.conditions))
+                mlflow.log_metrics(context.metrics)
                 for condition in context.conditions:
                     steps.start(condition.label, f"{condition.intervention} on {len(condition.edit.heads)} heads, "
                                 f"{len(samples)} samples")
@@ -231,6 +233,10 @@ def run(
                 mlflow.log_figure(plots.recall_by_length_and_depth(shown), "recall_by_length_depth.png")
         if plan is not None and plan.doses:
             mlflow.log_figure(plots.recall_by_dose(table, plan.dose_label), "recall_by_dose.png")
+        budget, budget_figure = kv_budget.analyse(table, context.metrics, getattr(detector, "name", ""))
+        if budget_figure is not None:
+            context.metrics.update(budget)
+            mlflow.log_figure(budget_figure, "kv_budget.png")
 
         context.metrics.update(_test_comparisons(context, stats, comparisons(context.conditions)))
         context.metrics.update(_null_metrics(context))

@@ -11,7 +11,8 @@ sample and the last ``recent`` keys before each query (itself included).
   prefilled with full attention and only the generated tokens' steps are restricted, i.e. the
   cache is evicted after the prefill (SnapKV / kvpress style).
 * ``keep: selected`` keeps the detected heads; ``none`` keeps no head full (StreamingLLM, the
-  ``all_streaming`` condition at the same window).
+  ``all_streaming`` condition); ``lowest``: as many of the lowest-scoring heads as were selected
+  (the ``lowest_kept`` condition at the same budget).
 * ``cache: masked``: the attention pattern is restricted; every head's keys stay in the cache
   (a research setting, for any family). ``evicted``: generation uses a real compressed KV cache
   (:mod:`framework.model.kv_cache`) that keeps only the sink and recent entries of streaming KV
@@ -40,11 +41,13 @@ from framework.api import (
     AttentionEdit,
     ConfigError,
     Head,
+    HeadScores,
     Intervention,
     LoadedModel,
     ModelInfo,
     StreamingWindow,
     hookimpl,
+    select_heads,
 )
 
 GRANULARITIES = ("kv_head", "query_head")
@@ -52,7 +55,7 @@ PREFILLS = ("windowed", "full")
 CACHES = ("masked", "evicted")
 EVICTABLE_FAMILIES = ("llama", "mistral", "qwen2", "olmo2", "gemma2", "gemma3_text", "gemma3")
 """Families whose KV cache is transformers' dynamic cache, per layer, tested with ``cache: evicted``."""
-KEEPS = ("selected", "none")
+KEEPS = ("selected", "none", "lowest")
 
 
 def _choice(option: str, value: str, allowed: tuple[str, ...]) -> None:
@@ -102,6 +105,11 @@ class StreamingHeads(Intervention):
         if self.granularity == "kv_head" and info.n_heads % info.n_kv_heads:
             raise ConfigError(f"streaming_heads granularity=kv_head: {info.n_heads} query heads do not split into "
                               f"{info.n_kv_heads} KV groups")
+
+    def select(self, scores: HeadScores, heads: list[Head]) -> list[Head]:
+        if self.keep != "lowest":
+            return heads
+        return select_heads(-scores.scores, top_k=len(heads))
 
     def _group(self, model: LoadedModel) -> int:
         """Query heads per decision unit: a KV group, or one query head."""
