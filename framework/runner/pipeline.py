@@ -18,7 +18,6 @@ import numpy as np
 import pandas as pd
 
 from framework import plots
-from framework.analysis import kv_budget
 from framework.interfaces import BASELINE, Condition, ConfigError, LoadedModel, RunContext, Sample, Task
 from framework.model.attention import AttentionEdit
 from framework.model.generation import NonFiniteLogits, greedy_generate
@@ -233,8 +232,10 @@ def run(
                 mlflow.log_figure(plots.recall_by_length_and_depth(shown), "recall_by_length_depth.png")
         if plan is not None and plan.doses:
             mlflow.log_figure(plots.recall_by_dose(table, plan.dose_label), "recall_by_dose.png")
-        budget, budget_figure = kv_budget.analyse(table, context.metrics, getattr(detector, "name", ""))
-        if budget_figure is not None:
+        if any(key.startswith("kv/fraction_kept/") for key in context.metrics):  # analysis: imported only when needed
+            from framework.analysis import kv_budget
+
+            budget, budget_figure = kv_budget.analyse(table, context.metrics, getattr(detector, "name", ""))
             context.metrics.update(budget)
             mlflow.log_figure(budget_figure, "kv_budget.png")
 
