@@ -258,3 +258,13 @@ def test_evicted_bytes_follow_the_formula(name):
     if len(layers) == loaded.info.n_layers:  # no sliding layer: the intervention's accounting is the cache's
         r = (len(layers) * N_KV - streaming_kv) / (len(layers) * N_KV)
         assert fraction == pytest.approx(measured / cache_nbytes(full)) == pytest.approx(r + (1 - r) * (SINK + RECENT) / SEQ)
+
+
+def test_a_window_beyond_the_task_lengths_is_refused_when_the_run_is_planned(compose_config):
+    from framework.model.loading import model_info
+    from framework.registry import get_registry
+    from framework.runner.conditions import Plan
+
+    config = compose_config("+detector=attn_mass", "+intervention=streaming_heads", "task.context_lengths=[256,1024]")
+    with pytest.raises(ConfigError, match=r"sink \+ recent = 4 \+ 256 is at or beyond the shortest prompt \(256 tokens\)"):
+        Plan.from_config(config, get_registry(), model_info(config["model"]))

@@ -65,7 +65,11 @@ class Plan:
                 raise ConfigError(f"condition label {label!r} is reserved; choose another")
             extras[label] = registry.create("intervention", node)
             extras[label].validate(info)
-        return cls(intervention, doses, dose_param, controls, extras)
+        plan = cls(intervention, doses, dose_param, controls, extras)
+        targets = (config.get("task") or {}).get("context_lengths")
+        if targets:  # the task's prompt lengths, checked again on the built samples: refused before any model work
+            plan.check_lengths([int(length) for length in targets])
+        return plan
 
     @property
     def dose_label(self) -> str:
