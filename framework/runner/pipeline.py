@@ -214,8 +214,9 @@ def run(
                     plan.prepare(model, detect_samples)
                 context.conditions.extend(plan.conditions(model, context.head_scores, config["control_seed"]))
                 mlflow.log_dict({c.label: c.describe() for c in context.conditions}, "intervention/edits.json")
-                context.metrics.update(plan.condition_metrics(model, context.conditions))
-                mlflow.log_metrics(context.metrics)
+                own = plan.condition_metrics(model, context.conditions)  # e.g. kv/fraction_kept/<label>
+                context.metrics.update(own)
+                mlflow.log_metrics(own)
                 for condition in context.conditions:
                     steps.start(condition.label, f"{condition.intervention} on {len(condition.edit.heads)} heads, "
                                 f"{len(samples)} samples")
