@@ -9,6 +9,7 @@ See docs/writing-a-plugin.md for a walkthrough per plugin kind.
 from framework.hookspecs import hookimpl
 from framework.interfaces import (
     SCORE_KINDS,
+    Condition,
     ConfigError,
     Detector,
     HeadScores,
@@ -26,11 +27,13 @@ from framework.model.attention import (
     PHASES,
     AttentionEdit,
     AttentionInputs,
+    AttentionPass,
     Head,
     HeadEdit,
     HeadMasking,
     QueryScaling,
     RowCapture,
+    StreamingWindow,
     attention_rows,
     instrumented,
     key_bias,
@@ -73,10 +76,10 @@ __all__ = [
     "hookimpl", "create_plugin",
     # the four plugin kinds and the data they exchange
     "Detector", "Intervention", "Task", "StatTest", "Sample", "Split", "ModelInfo", "LoadedModel", "HeadScores",
-    "RunContext", "ConfigError", "SCORE_KINDS",
+    "RunContext", "Condition", "ConfigError", "SCORE_KINDS",
     # reading and editing attention
     "Head", "AttentionEdit", "HeadEdit", "HeadMasking", "QueryScaling", "per_head", "MASK_MODES", "PHASES",
-    "RowCapture", "AttentionInputs", "instrumented", "attention_rows", "key_bias", "mean_head_outputs",
+    "AttentionPass", "StreamingWindow", "RowCapture", "AttentionInputs", "instrumented", "attention_rows", "key_bias", "mean_head_outputs",
     "QueryDimIntervention",
     # RoPE dimensions
     "layer_inv_freq", "lowest_frequency_dims", "highest_frequency_dims", "random_pair_dims", "first_raw_dims",

@@ -104,6 +104,7 @@ class Condition:
     dose: float | None = None
 
     def describe(self) -> dict[str, Any]:
+        """JSON-ready: role, intervention, dose and what the edit changes (``intervention/edits.json``)."""
         return {"role": self.role, "intervention": self.intervention, "dose": self.dose, **self.edit.describe()}
 
 
@@ -160,9 +161,25 @@ class Intervention(ABC):
     def validate(self, info: ModelInfo) -> None:
         """Raise :class:`ConfigError` for parameters impossible on this model (no weights yet)."""
 
+    def check_lengths(self, lengths: list[int]) -> None:
+        """The run's evaluation prompt lengths in tokens, before any model work (and before
+        :meth:`prepare`): raise :class:`ConfigError` where they make a parameter impossible (a
+        window as long as the context), or keep them (a cache size at the longest context)."""
+
     def prepare(self, model: LoadedModel, samples: list[Sample]) -> None:
         """Learn what the edit needs from the detection samples (e.g. per-dim utility), once,
         before :meth:`treatment` and :meth:`control`. Most interventions need nothing."""
+
+    def condition_metrics(self, model: LoadedModel, edit: AttentionEdit) -> dict[str, float]:
+        """Metrics of one condition this intervention built (its treatment, control or a dose of
+        them), logged as ``<metric>/<condition label>``, e.g. ``kv/fraction_kept/control``."""
+        return {}
+
+    def select(self, scores: HeadScores, heads: list[Head]) -> list[Head]:
+        """The heads this intervention acts on, from the detector's ``scores`` and its ``heads``
+        (its selection, or the top ones at a ``heads`` dose); the default keeps ``heads``. E.g. the
+        lowest-scoring heads, as many as selected, for a condition at the same budget."""
+        return heads
 
     @abstractmethod
     def treatment(self, model: LoadedModel, heads: list[Head]) -> AttentionEdit:

@@ -90,7 +90,7 @@ class Recency(HeadEdit):
 
     heads = HEADS
 
-    def bias(self, layer, rows, key_length):
+    def bias(self, layer, rows, key_length, where):
         heads = self.layer_heads(layer)
         if not heads:
             return None
@@ -107,7 +107,7 @@ class ZeroBias(HeadEdit):
 
     heads = HEADS
 
-    def bias(self, layer, rows, key_length):
+    def bias(self, layer, rows, key_length, where):
         return torch.zeros(1, 1, len(rows), key_length)
 
 
@@ -323,7 +323,7 @@ class Recency(HeadEdit):
     def heads(self):
         return self._heads
 
-    def bias(self, layer, rows, key_length):
+    def bias(self, layer, rows, key_length, where):
         heads = self.layer_heads(layer)
         if not heads:
             return None

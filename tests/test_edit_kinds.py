@@ -70,7 +70,7 @@ class OnlyFirstKey(HeadEdit):
     def heads(self):
         return [self.head]
 
-    def bias(self, layer, rows, key_length):
+    def bias(self, layer, rows, key_length, where):
         if layer != self.head[0]:
             return None
         bias = torch.zeros(1, TINY["num_attention_heads"], len(rows), key_length)
@@ -85,7 +85,7 @@ class Zero(HeadEdit):
     def heads(self):
         return [(0, 0)]
 
-    def bias(self, layer, rows, key_length):
+    def bias(self, layer, rows, key_length, where):
         return torch.zeros(1, 1, len(rows), key_length)
 
 

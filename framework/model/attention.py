@@ -34,6 +34,7 @@ from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Callable, Iterable, Iterator, Literal, Sequence, get_args
 
 import numpy as np
@@ -54,6 +55,66 @@ PHASES: tuple[str, ...] = get_args(Phase)
 Vector = np.ndarray | torch.Tensor  # one value per head dimension
 ATTN_IMPLEMENTATION = "retrieval_heads"
 _ROW_CHUNK = 256
+
+
+@dataclass(frozen=True)
+class AttentionPass:
+    """What one layer's forward pass is, for edits whose pattern depends on positions
+    (:meth:`HeadEdit.bias`, :class:`StreamingWindow`).
+
+    Keys are indexed over the pass (cached keys first); query row ``i`` is key
+    ``key_length - query_length + i``. Batches are left-padded: sample ``b``'s first real key is
+    key ``pad[b]``, so a key's position in its own sample is its index minus ``pad[b]`` (negative
+    on padding). In a prefill ``pad`` is read from the mask (a real key is seen at least by its own
+    query; a pad key by none), in a decode step from the position ids (the new token is the last
+    key; generation derives positions from the padding) or, without them, from the mask's row.
+    """
+
+    layer: int
+    query_length: int
+    key_length: int
+    attention_mask: torch.Tensor | None  # SDPA convention, None = causal
+    position_ids: torch.Tensor | None  # [batch or 1, query_length], as the model passed them
+    batch: int
+
+    @classmethod
+    def of(cls, layer: int, query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None,
+           position_ids: torch.Tensor | None) -> AttentionPass:
+        """The pass of a layer's query [batch, heads, q_len, dim] and key [batch, kv_heads, k_len, dim]."""
+        q_len, k_len = query.shape[2], key.shape[2]
+        if attention_mask is None and q_len > 1:
+            k_len = q_len  # SDPA crops a causal prefill's keys to the query length
+        return cls(layer, q_len, k_len, attention_mask, position_ids, query.shape[0])
+
+    @cached_property
+    def pad(self) -> torch.Tensor:
+        """[batch] left-pad keys per sample (computed on first use)."""
+        given = self.attention_mask if self.attention_mask is not None else self.position_ids
+        device = given.device if given is not None else None
+        if self.query_length == 1 and self.position_ids is not None:
+            last = self.position_ids[:, -1].to(device=device, dtype=torch.long)
+            return (self.key_length - 1 - last).expand(self.batch)
+        if self.attention_mask is None:
+            return torch.zeros(self.batch, dtype=torch.long, device=device)
+        seen = self.attention_mask[:, 0, :, : self.key_length]
+        seen = seen if seen.dtype == torch.bool else seen > float("-inf")
+        return (~seen.any(dim=1)).sum(dim=1).expand(self.batch)
+
+    @property
+    def decode(self) -> bool:
+        """Whether this is a one-token decode step."""
+        return self.query_length == 1
+
+    def query_positions(self, rows: torch.Tensor) -> torch.Tensor:
+        """[batch, len(rows)]: each query row's position in its own sample (negative on padding)."""
+        return (self.key_length - self.query_length + rows)[None, :] - self.pad[:, None]
+
+    def key_positions(self, keys: torch.Tensor | None = None) -> torch.Tensor:
+        """[batch, keys]: each key's position in its own sample (negative on padding); ``keys``:
+        key indices, all of the pass by default (or [batch, n] per sample)."""
+        if keys is None:
+            keys = torch.arange(self.key_length, device=self.pad.device)
+        return (keys if keys.dim() == 2 else keys[None, :]) - self.pad[:, None]
 
 
 class HeadEdit(ABC):
@@ -96,13 +157,17 @@ class HeadEdit(ABC):
         returned edited; under GQA an edit of one KV head reaches every query head it serves."""
         return key
 
-    def bias(self, layer: int, rows: torch.Tensor, key_length: int) -> torch.Tensor | None:
+    def bias(self, layer: int, rows: torch.Tensor, key_length: int, where: AttentionPass) -> torch.Tensor | None:
         """Additive logit bias for query ``rows`` of this pass, broadcastable to
         [batch, heads, len(rows), key_length] (0 leaves a head as it is; -inf removes a key), or
         None where this layer's pattern is unchanged.
 
         Indices count positions of the pass: in a prefill ``rows`` are query positions (in chunks),
-        in a decode step ``rows`` is ``[0]``, the new token, which is the last key. Batches are
+        in a decode step ``rows`` is ``[0]``, the new token, which is the last key. ``where``
+        (:class:`AttentionPass`) says what the pass is: its query and key lengths, each sample's
+        left padding, the position of every query row and key in its own sample, the mask and the
+        position ids; with it a bias can be written in sample positions (say, the first four real
+        tokens of each padded row) without any state from the other hooks. Batches are
         left-padded, so a sample's real tokens are the last ones of the pass and its first keys
         and rows may be padding; the bias is added to the mask, so pad keys stay masked whatever
         it says. A pad row has every key masked: it attends to nothing (probabilities 0, head
@@ -222,6 +287,77 @@ class HeadMasking(HeadEdit):
         return {"head_masks": {f"{layer}.{head}": mode for (layer, head), mode in sorted(self.modes.items())}}
 
 
+class StreamingWindow(HeadEdit):
+    """Streaming heads (StreamingLLM; DuoAttention's and RazorAttention's non-retrieval heads):
+    each listed query head attends only to the first ``sink`` keys of its own sample and to the
+    last ``recent`` keys up to and including its query, within what the layer's mask allows.
+    Meant for full-attention layers: a sliding-window cache drops keys, so there its key indices
+    are no longer positions.
+
+    ``prefill``: whether the window restricts the prefill too (else only decode steps, i.e. the
+    cache is evicted after a full prefill). ``evict``: whether generation uses a real evicting KV
+    cache (:mod:`framework.model.kv_cache`, see :meth:`AttentionEdit.kv_cache`): streaming KV
+    heads keep only their sink and recent entries; it needs every query head of a KV group
+    streaming or none, and gives the same outputs as the masked pattern.
+
+    The pattern is also a :meth:`bias`, which captured rows use, and so does a layer where another
+    edit biases the pattern or logits are soft-capped (the chunked manual path). Otherwise the
+    layer is computed without any length x length matrix and without that path: the other heads
+    by SDPA with the layer's own mask, the streaming heads by SDPA over a gather of their sink and
+    recent keys, one query chunk at a time (time and memory O(length x (sink + recent + chunk))).
+    """
+
+    def __init__(self, heads: Iterable[Head], n_heads: int, sink: int, recent: int, prefill: bool = True,
+                 evict: bool = False):
+        if sink < 0 or recent < 1:
+            raise ValueError(f"a streaming window needs sink >= 0 and recent >= 1, got sink={sink}, recent={recent}")
+        self.streaming, self.n_heads, self.sink, self.recent = sorted(set(heads)), n_heads, sink, recent
+        self.prefill, self.evict = prefill, evict
+        self.cache: Any = None  # the evicting cache of the generation under way (see AttentionEdit.kv_cache)
+
+    @property
+    def heads(self) -> list[Head]:
+        return self.streaming
+
+    def acts(self, layer: int, query_length: int) -> bool:
+        """Whether the window restricts this layer in a pass with this many query positions."""
+        return bool(self.layer_heads(layer)) and (self.prefill or query_length == 1)
+
+    def allowed(self, where: AttentionPass, rows: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
+        """[batch, len(rows), keys] bool: which keys (all of the pass, or ``keys`` [batch, n]
+        indices) a streaming head's query ``rows`` may see, before the layer's own mask."""
+        query = where.query_positions(rows)[:, :, None]
+        key = where.key_positions(keys)[:, None, :]
+        distance = query - key
+        return (key >= 0) & (distance >= 0) & ((key < self.sink) | (distance < self.recent))
+
+    def bias(self, layer: int, rows: torch.Tensor, key_length: int, where: AttentionPass) -> torch.Tensor | None:
+        if not self.acts(layer, where.query_length):
+            return None
+        outside = torch.zeros(where.pad.shape[0], len(rows), key_length, device=rows.device)
+        outside.masked_fill_(~self.allowed(where, rows)[:, :, :key_length], float("-inf"))
+        bias = torch.zeros(where.pad.shape[0], self.n_heads, len(rows), key_length, device=rows.device)
+        bias[:, self.layer_heads(layer)] = outside[:, None]
+        return bias
+
+    def streaming_kv_heads(self, n_kv_heads: int) -> dict[int, list[int]]:
+        """Per layer, the KV heads all of whose query heads stream (what an evicting cache drops)."""
+        group, by_layer = self.n_heads // n_kv_heads, {}
+        for layer in sorted({layer for layer, _ in self.streaming}):
+            heads = set(self.layer_heads(layer))
+            kv = [k for k in range(n_kv_heads) if all(k * group + g in heads for g in range(group))]
+            if len(kv) * group != len(heads):
+                raise ValueError(f"layer {layer}: an evicting cache needs whole KV groups streaming (streaming query "
+                                 f"heads {sorted(heads)}, {group} per KV head)")
+            by_layer[layer] = kv
+        return by_layer
+
+    def describe(self) -> dict[str, Any]:
+        return {"streaming_heads": [f"{layer}.{head}" for layer, head in self.streaming], "sink": self.sink,
+                "recent": self.recent, "prefill": "windowed" if self.prefill else "full",
+                "cache": "evicted" if self.evict else "masked"}
+
+
 @dataclass
 class AttentionEdit:
     """A set of per-head edits applied together, in the forward passes that ``phase`` selects.
@@ -293,6 +429,26 @@ class AttentionEdit:
     def heads(self) -> list[Head]:
         """Every head this edit touches (masked, query dims scaled, or changed by a part)."""
         return sorted(set(self.head_masks) | set(self.query_scale) | {h for p in self.parts for h in p.heads})
+
+    @contextmanager
+    def kv_cache(self, model: torch.nn.Module) -> Iterator[Any]:
+        """A KV cache for one generation with this edit: an evicting cache (:mod:`framework.model.kv_cache`)
+        where a part is a :class:`StreamingWindow` with ``evict``, else None (the model's own)."""
+        from framework.model.kv_cache import streaming_cache
+
+        evicting = [p for p in self.parts if isinstance(p, StreamingWindow) and p.evict]
+        if not evicting:
+            yield None
+            return
+        if len(evicting) > 1 or self.phase != "both":
+            raise ValueError("an evicting cache needs one evicting StreamingWindow, in an edit of phase 'both'")
+        window = evicting[0]
+        config = model.config.get_text_config()
+        window.cache = streaming_cache(model, window.streaming_kv_heads(config.num_key_value_heads), window.sink, window.recent)
+        try:
+            yield window.cache
+        finally:
+            window.cache = None
 
     def applies_to(self, query_length: int) -> bool:
         """Whether a forward pass with this many query positions is edited (see ``phase``)."""
@@ -489,7 +645,7 @@ def attention_rows(
 LogitBias = Callable[[torch.Tensor, int], torch.Tensor]  # (rows, key_length) -> additive bias
 
 
-def _layer_bias(parts: Sequence[HeadEdit], layer: int) -> LogitBias | None:
+def _layer_bias(parts: Sequence[HeadEdit], layer: int, where: AttentionPass) -> LogitBias | None:
     """The summed logit bias of the parts that change this layer's pattern, None if none does."""
     changing = [p for p in parts if type(p).bias is not HeadEdit.bias]
     if not changing:
@@ -498,7 +654,7 @@ def _layer_bias(parts: Sequence[HeadEdit], layer: int) -> LogitBias | None:
     def bias(rows: torch.Tensor, key_length: int) -> torch.Tensor:
         total = torch.zeros((), device=rows.device)
         for part in changing:
-            extra = part.bias(layer, rows, key_length)
+            extra = part.bias(layer, rows, key_length, where)
             if extra is not None:
                 total = total + extra.float()
         return total
@@ -558,6 +714,146 @@ def _manual_attention(
     return torch.cat(chunks, dim=2).transpose(1, 2).contiguous()
 
 
+def _sdpa_heads(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: torch.Tensor | None, scaling: float,
+    empty: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """SDPA of query [batch, heads, q, dim] against key and value with as many heads; ``mask``
+    bool (True = attend) or None (causal for a prefill). Rows with no key get output 0; ``empty``
+    [batch, 1, q, 1], if given, says which rows those are (else it is read from the mask)."""
+    if mask is None:
+        return torch.nn.functional.scaled_dot_product_attention(
+            query, key, value, is_causal=query.shape[2] > 1, scale=scaling)
+    if empty is None:
+        empty = ~mask.any(dim=-1, keepdim=True)
+    has_empty = bool(empty.any())
+    bias = torch.where(mask | empty if has_empty else mask, 0.0, float("-inf")).to(query.dtype)
+    output = torch.nn.functional.scaled_dot_product_attention(query, key, value, attn_mask=bias, scale=scaling)
+    return output.masked_fill_(empty, 0.0) if has_empty else output
+
+
+def _group_sdpa(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, heads: list[int], group: int,
+    mask: torch.Tensor | None, scaling: float,
+) -> torch.Tensor:
+    """SDPA of the query heads ``heads`` (query [batch, len(heads), q, dim]) over the whole key and
+    value of their KV heads: whole KV groups without a mask share their KV head (GQA, no copy per
+    query head), as transformers' SDPA path does; otherwise each query head gets its KV head's."""
+    kv = sorted({h // group for h in heads})
+    if mask is None and heads == [k * group + g for k in kv for g in range(group)]:
+        index = torch.tensor(kv, device=key.device)
+        return torch.nn.functional.scaled_dot_product_attention(
+            query, key.index_select(1, index), value.index_select(1, index), is_causal=query.shape[2] > 1,
+            scale=scaling, enable_gqa=True)
+    index = torch.tensor([h // group for h in heads], device=key.device)
+    return _sdpa_heads(query, key[:, index], value[:, index], mask, scaling)
+
+
+def _bool_mask(attention_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """The layer's mask as bool (True = attend); a float mask's finite entries attend."""
+    if attention_mask is None or attention_mask.dtype == torch.bool:
+        return attention_mask
+    return attention_mask > float("-inf")
+
+
+def _windowed_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
+    scaling: float, window: StreamingWindow, where: AttentionPass,
+) -> torch.Tensor:
+    """Attention output [batch, q_len, heads, dim] of a layer with streaming heads, without the
+    manual path (see :class:`StreamingWindow`). The full heads run one SDPA with the layer's mask;
+    the streaming heads, per query chunk, one SDPA over their sink keys (gathered once per layer:
+    each sample's first real keys) and the chunk's recent span (a slice shared by the batch), with
+    a chunk x (sink + span) mask whose band part is built once per layer."""
+    batch, n_heads, q_len, head_dim = query.shape
+    group = n_heads // key.shape[1]
+    if attention_mask is None and q_len > 1:
+        key, value = key[:, :, :q_len], value[:, :, :q_len]
+    mask = _bool_mask(attention_mask)
+    streaming = window.layer_heads(where.layer)
+    full = [h for h in range(n_heads) if h not in set(streaming)]
+    outputs: dict[str, torch.Tensor] = {}
+    device = query.device
+    if full:
+        outputs["full"] = _group_sdpa(query[:, full], key, value, full, group, mask, scaling)
+    kv = torch.tensor([h // group for h in streaming], device=device)
+    stream_query = query[:, streaming]
+    offset, sink, recent = where.key_length - q_len, window.sink, window.recent
+    sink_index = (where.pad[:, None] + torch.arange(sink, device=device)).clamp(max=where.key_length - 1)  # [batch, sink]
+    gather = sink_index[:, None, :, None].expand(-1, key.shape[1], -1, head_dim)
+    sink_key, sink_value = torch.gather(key, 2, gather), torch.gather(value, 2, gather)  # every KV head: small
+    sink_position = where.key_positions(sink_index)[:, None, :]  # [batch, 1, sink]
+    sink_real = (sink_position >= 0) & (sink_position < sink)
+    bands: dict[tuple[int, int], torch.Tensor] = {}
+    chunks = []
+    for start in range(0, q_len, _ROW_CHUNK):
+        rows = torch.arange(start, min(start + _ROW_CHUNK, q_len), device=device)
+        low, high = max(0, offset + start - recent + 1), offset + int(rows[-1]) + 1
+        shift = offset + start - low  # a row's distance to the span's first key, less its own index
+        if (len(rows), shift) not in bands:  # the same for every chunk once the window is full
+            distance = shift + torch.arange(len(rows), device=device)[:, None] - torch.arange(high - low, device=device)
+            bands[len(rows), shift] = (distance >= 0) & (distance < recent)
+        query_position = where.query_positions(rows)[:, :, None]  # [batch, rows, 1]
+        span_real = where.key_positions(torch.arange(low, high, device=device)) >= 0  # [batch, span]
+        # a sink key inside a row's recent span is seen there, not twice
+        allowed = torch.cat([sink_real & (query_position - sink_position >= recent),
+                             bands[len(rows), shift] & span_real[:, None, :]], dim=2)
+        if mask is not None:
+            layer_mask = mask[:, 0, rows, : where.key_length].expand(batch, -1, -1)  # the mask has a row per query
+            allowed &= torch.cat([torch.gather(layer_mask, 2, sink_index[:, None, :].expand(-1, len(rows), -1)),
+                                  layer_mask[:, :, low:high]], dim=2)
+        chunk_key = torch.cat([sink_key, key[:, :, low:high]], dim=2)[:, kv]  # per streaming head: small
+        chunk_value = torch.cat([sink_value, value[:, :, low:high]], dim=2)[:, kv]
+        empty = (query_position < 0)[:, None] if mask is None else None  # pad rows see nothing
+        chunks.append(_sdpa_heads(stream_query[:, :, start: start + len(rows)], chunk_key, chunk_value,
+                                  allowed[:, None], scaling, empty))
+    outputs["streaming"] = torch.cat(chunks, dim=2)
+    output = query.new_empty(batch, n_heads, q_len, value.shape[-1])
+    for name, heads in (("full", full), ("streaming", streaming)):
+        if heads:
+            output.index_copy_(1, torch.tensor(heads, device=device), outputs[name])
+    return output.transpose(1, 2).contiguous()
+
+
+def _evicted_decode(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask: torch.Tensor | None,
+    scaling: float, softcap: float | None, cached: Any,
+) -> torch.Tensor:
+    """A decode step's output [batch, 1, heads, dim] on an evicted cache layer: the kept KV heads'
+    query heads over ``key``/``value`` (the kept heads' full keys), the streaming ones over the
+    layer's sink and recent entries (:meth:`framework.model.kv_cache.StreamingLayer.streaming_state`)."""
+    n_heads = query.shape[1]
+    group = n_heads // (len(cached.kept) + len(cached.streaming))
+    rows = torch.zeros(1, dtype=torch.long, device=query.device)
+    output = query.new_empty(query.shape[0], n_heads, 1, value.shape[-1])
+    if cached.kept:
+        kept = [k * group + g for k in cached.kept for g in range(group)]
+        output[:, kept] = attention_rows(query[:, kept], key, value, attention_mask, scaling, rows, softcap)
+    stream_key, stream_value, allowed = cached.streaming_state()
+    streaming = [k * group + g for k in cached.streaming for g in range(group)]
+    output[:, streaming] = attention_rows(query[:, streaming], stream_key, stream_value, allowed[:, None, None, :],
+                                          scaling, rows, softcap)
+    return output.transpose(1, 2).contiguous()
+
+
+def _single_window(parts: Sequence[HeadEdit], layer: int, query_length: int) -> StreamingWindow | None:
+    """The one streaming window acting on this layer in this pass, where it is the layer's only
+    pattern change."""
+    windows = [p for p in parts if isinstance(p, StreamingWindow) and p.acts(layer, query_length)]
+    others = [p for p in parts if type(p).bias is not HeadEdit.bias and not isinstance(p, StreamingWindow)]
+    return windows[0] if len(windows) == 1 and not others else None
+
+
+def _evicting_layer(parts: Sequence[HeadEdit], layer: int) -> Any:
+    """This layer's evicting cache layer, if a window's generation has one."""
+    for part in parts:
+        if isinstance(part, StreamingWindow) and part.cache is not None and layer < len(part.cache.layers):
+            cached = part.cache.layers[layer]
+            if hasattr(cached, "evict"):
+                return cached
+    return None
+
+
 def instrumented_attention(
     module: torch.nn.Module,
     query: torch.Tensor,
@@ -576,18 +872,29 @@ def instrumented_attention(
     parts = plan.parts_for(query.shape[2]) if plan is not None else []
     for part in parts:
         query, key = part.query(layer, query), part.key(layer, key)
-    bias = _layer_bias(parts, layer)
+    where = AttentionPass.of(layer, query, key, attention_mask, kwargs.get("position_ids"))
+    patterned = [p for p in parts if not isinstance(p, StreamingWindow) or p.acts(layer, query.shape[2])]
+    bias = _layer_bias(patterned, layer, where)
+    window = _single_window(parts, layer, query.shape[2]) if softcap is None else None
+    cached = _evicting_layer(parts, layer)
+    evicted = cached is not None and cached.evicted
     rows = plan.capture.rows_for(query) if plan is not None and plan.capture is not None else None
     if rows is not None:
         plan.capture.sink(layer, _probs(query, key, attention_mask, scaling, rows, softcap, bias))
     if plan is not None and plan.inputs is not None:
         plan.inputs(layer, AttentionInputs(query, key, value, attention_mask, scaling, softcap))
-    if softcap is not None or bias is not None:
+    if evicted:
+        output = _evicted_decode(query, key, value, attention_mask, scaling, softcap, cached)
+    elif window is not None:
+        output = _windowed_attention(query, key, value, attention_mask, scaling, window, where)
+    elif softcap is not None or bias is not None:
         output = _manual_attention(query, key, value, attention_mask, scaling, softcap, bias)
     else:
         output, _ = sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
+    if cached is not None and not evicted:
+        cached.evict(where.pad)  # the prefill saw every key; from now on the streaming heads keep sink + recent
     for part in parts:
         output = part.output(layer, output)
     if plan is not None and plan.head_outputs is not None:

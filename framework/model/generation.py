@@ -88,17 +88,23 @@ class _FirstNonFinite:
         self._check(layer, output[self.row], "its attention output")
 
 
-def _generate(model: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int) -> torch.Tensor:
-    return model.model.generate(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        temperature=None,
-        top_p=None,
-        top_k=None,
-        pad_token_id=model.tokenizer.pad_token_id,
-    )
+def _generate(
+    model: LoadedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor, max_new_tokens: int,
+    edit: AttentionEdit | None,
+) -> torch.Tensor:
+    """Greedy generation, with the KV cache the edit asks for (an evicting one) or the model's own."""
+    with (edit or AttentionEdit()).kv_cache(model.model) as cache:
+        return model.model.generate(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=model.tokenizer.pad_token_id,
+            **({"cache": cache} if cache is not None else {}),
+        )
 
 
 def _where_first(
@@ -109,7 +115,7 @@ def _where_first(
     stop being finite (the computation is deterministic, so the replay meets what the run met)."""
     watch = _FirstNonFinite(row, int((attention_mask[row] == 0).sum()))
     with instrumented(model.model, edit, head_outputs=watch.output, inputs=watch.inputs):
-        _generate(model, input_ids, attention_mask, passes)
+        _generate(model, input_ids, attention_mask, passes, edit)
     if watch.found is None:
         return "after the last layer's attention output (its o_proj or MLP, the final norm or the output head)"
     index, layer, what = watch.found
@@ -141,7 +147,7 @@ def greedy_generate(
                 device=model.device,
             )
             finite.clear()
-            generated = _generate(model, input_ids, attention_mask, max_new_tokens)
+            generated = _generate(model, input_ids, attention_mask, max_new_tokens, edit)
             failing = (~torch.stack(finite)).nonzero() if finite else []  # [pass, row] pairs, in pass order
             if len(failing):
                 index, bad = failing[0].tolist()

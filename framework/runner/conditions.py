@@ -15,8 +15,10 @@ Every condition is an :class:`AttentionEdit` evaluated on the same samples as th
 * ``controls: K``: K more random controls, seeds ``[control_seed, 1..K]`` (for head masks:
   random head sets matched per layer), whose recalls form the null distribution the
   treatment's recall is tested against (seed 000's layer-clustered permutation);
-* ``conditions: {label: intervention}``: further interventions on the same heads, each
-  evaluated as the condition ``label`` (e.g. Chiang & Yogatama's first/last-n dims grid);
+* ``conditions: {label: intervention}``: further interventions on the same heads (the largest
+  dose's, in a dose run), each evaluated as the condition ``label`` (e.g. Chiang & Yogatama's
+  first/last-n dims grid); an intervention may pick other heads from the scores
+  (:meth:`Intervention.select`, e.g. ``streaming_heads keep=lowest``: as many of the lowest-scoring).
 * ``per_detector: true``: the intervention's treatment and matched control on each extra
   detector's selected heads too (``detectors: {key: ...}``), labelled ``treatment.<key>`` /
   ``control.<key>``: a causal check of every detector in one run (``detector_comparison``).
@@ -73,7 +75,11 @@ class Plan:
         for key in per_detector:
             if f"treatment.{key}" in extras or f"control.{key}" in extras:
                 raise ConfigError(f"detector key {key!r} clashes with a condition label; rename one")
-        return cls(intervention, doses, dose_param, controls, extras, per_detector)
+        plan = cls(intervention, doses, dose_param, controls, extras, per_detector)
+        targets = (config.get("task") or {}).get("context_lengths")
+        if targets:  # the task's prompt lengths, checked again on the built samples: refused before any model work
+            plan.check_lengths([int(length) for length in targets])
+        return plan
 
     @property
     def dose_label(self) -> str:
@@ -86,9 +92,23 @@ class Plan:
     def n_conditions(self) -> int:
         return 2 * max(1, len(self.doses)) + 2 * len(self.per_detector) + len(self.extras) + self.controls
 
+    def check_lengths(self, lengths: list[int]) -> None:
+        """Every intervention learns the evaluation prompt lengths (and may refuse them)."""
+        for intervention in (self.intervention, *self.extras.values()):
+            intervention.check_lengths(lengths)
+
     def prepare(self, model: LoadedModel, samples: list[Sample]) -> None:
         for intervention in (self.intervention, *self.extras.values()):
             intervention.prepare(model, samples)
+
+    def condition_metrics(self, model: LoadedModel, conditions: list[Condition]) -> dict[str, float]:
+        """Each condition's metrics from the intervention that built it, as ``<metric>/<label>``."""
+        metrics = {}
+        for condition in conditions:
+            intervention = self.extras.get(condition.label, self.intervention)
+            for name, value in intervention.condition_metrics(model, condition.edit).items():
+                metrics[f"{name}/{condition.label}"] = float(value)
+        return metrics
 
     def conditions(self, model: LoadedModel, scores: HeadScores, control_seed: int,
                    detector_scores: Mapping[str, HeadScores] | None = None) -> list[Condition]:
@@ -99,6 +119,7 @@ class Plan:
         if self.doses:
             for value in self.doses:
                 variant, dosed_heads = _at_dose(self.intervention, self.dose_param, value, model.info, scores)
+                dosed_heads = variant.select(scores, dosed_heads)
                 suffix = f".{self.dose_param}_{dose_text(value)}"
                 planned += [
                     Condition("treatment" + suffix, "treatment", name, variant.treatment(model, dosed_heads), value),
@@ -106,11 +127,13 @@ class Plan:
                               variant.control(model, dosed_heads, np.random.default_rng(control_seed)), value),
                 ]
             reference, heads = _at_dose(self.intervention, self.dose_param, self.doses[-1], model.info, scores)
+            acted = reference.select(scores, heads)
         else:
             reference = self.intervention
+            acted = reference.select(scores, heads)
             planned += [
-                Condition("treatment", "treatment", name, reference.treatment(model, heads)),
-                Condition("control", "control", name, reference.control(model, heads, np.random.default_rng(control_seed))),
+                Condition("treatment", "treatment", name, reference.treatment(model, acted)),
+                Condition("control", "control", name, reference.control(model, acted, np.random.default_rng(control_seed))),
             ]
         for key in self.per_detector:
             other = (detector_scores or {})[key].selected
@@ -121,9 +144,10 @@ class Plan:
                 Condition(f"control.{key}", "control", name,
                           self.intervention.control(model, other, np.random.default_rng(control_seed))),
             ]
-        planned += [Condition(label, "extra", extra.name, extra.treatment(model, heads)) for label, extra in self.extras.items()]
+        planned += [Condition(label, "extra", extra.name, extra.treatment(model, extra.select(scores, heads)))
+                    for label, extra in self.extras.items()]
         planned += [
-            Condition(f"null.{i}", "null", name, reference.control(model, heads, np.random.default_rng([control_seed, i])))
+            Condition(f"null.{i}", "null", name, reference.control(model, acted, np.random.default_rng([control_seed, i])))
             for i in range(1, self.controls + 1)
         ]
         return planned

@@ -190,6 +190,8 @@ def run(
             plugin.validate(info)
     plan = Plan.from_config(config, registry, info) if config.get("intervention") else None
     planned = planner.plan_samples(config, registry, task, detector, extra_detectors, plan.n_conditions if plan else 0)
+    if plan is not None:  # e.g. a streaming window as long as the prompts, refused before any model work
+        plan.check_lengths([len(s.input_ids) for s in planned.eval])
     for plugin in filter(None, (detector, *extra_detectors.values())):
         if not plugin.own_samples:
             plugin.check_samples(planned.detect)
@@ -255,6 +257,9 @@ def run(
                 context.conditions.extend(plan.conditions(model, context.head_scores, config["control_seed"],
                                                           context.detector_scores))
                 mlflow.log_dict({c.label: c.describe() for c in context.conditions}, "intervention/edits.json")
+                own = plan.condition_metrics(model, context.conditions)  # e.g. kv/fraction_kept/<label>
+                context.metrics.update(own)
+                mlflow.log_metrics(own)
                 for condition in context.conditions:
                     steps.start(condition.label, f"{condition.intervention} on {len(condition.edit.heads)} heads, "
                                 f"{len(samples)} samples")
@@ -271,6 +276,12 @@ def run(
                 mlflow.log_figure(plots.recall_by_length_and_depth(shown), "recall_by_length_depth.png")
         if plan is not None and plan.doses:
             mlflow.log_figure(plots.recall_by_dose(table, plan.dose_label), "recall_by_dose.png")
+        if any(key.startswith("kv/fraction_kept/") for key in context.metrics):  # analysis: imported only when needed
+            from framework.analysis import kv_budget
+
+            budget, budget_figure = kv_budget.analyse(table, context.metrics, getattr(detector, "name", ""))
+            context.metrics.update(budget)
+            mlflow.log_figure(budget_figure, "kv_budget.png")
 
         context.metrics.update(_test_comparisons(context, stats, comparisons(context.conditions)))
         context.metrics.update(_null_metrics(context))
