@@ -4,6 +4,8 @@ detection across lengths and the length x depth heatmap (end to end on the embed
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import re
 import subprocess
 from pathlib import Path
@@ -11,6 +13,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from framework_cli import run_here
 from mlflow.tracking import MlflowClient
 
@@ -64,6 +67,28 @@ def test_bookkeeping_is_priced_from_the_runs_that_finished():
     b0, b1 = 6.0, 0.5  # planted: 6 s per run and 0.5 s per step
     runs = [{"steps": n, "seconds": b0 + b1 * n} for n in (2, 3, 22, 9)]
     assert planner.price_bookkeeping(runs, 40) == pytest.approx(b0 + b1 * 40)
+
+
+def _record_runs(cache: str, worker: int, start, count: int) -> None:
+    os.environ["RETRIEVAL_HEADS_CACHE"] = cache
+    start.wait()  # every process writes at once, as a sweep's parallel jobs ending together do
+    for i in range(count):
+        planner._record_bookkeeping(torch.device("cpu"), {"steps": worker, "seconds": float(i), "model": "m"})
+
+
+def test_runs_that_finish_at_once_each_keep_their_bookkeeping(tmp_path):
+    workers, each = 4, 5  # 20 records: all fit in the history
+    assert workers * each <= planner.BOOKKEEPING_HISTORY
+    context = multiprocessing.get_context("fork")
+    start = context.Barrier(workers)
+    processes = [context.Process(target=_record_runs, args=(str(tmp_path), w, start, each)) for w in range(workers)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(60)
+        assert process.exitcode == 0
+    runs = json.loads((tmp_path / "cost" / "bookkeeping-cpu.json").read_text())["runs"]
+    assert sorted((r["steps"], r["seconds"]) for r in runs) == [(w, float(i)) for w in range(workers) for i in range(each)]
 
 
 def test_long_runs_extend_the_calibration_to_their_length():

@@ -44,6 +44,7 @@ device's, are refused here, before any run is created (a dry run prints the plan
 from __future__ import annotations
 
 import ctypes
+import fcntl
 import gc
 import json
 import logging
@@ -662,9 +663,14 @@ def price_bookkeeping(runs: list[dict[str, float]], steps: int) -> float | None:
 
 def _record_bookkeeping(device: torch.device, record: dict[str, Any]) -> None:
     """Keep a finished run's bookkeeping seconds for the next plans (the last BOOKKEEPING_HISTORY
-    runs; two runs ending at the same instant may keep only one of their records)."""
-    runs = (_bookkeeping_runs(device) + [record])[-BOOKKEEPING_HISTORY:]
-    _write_json(_bookkeeping_path(device), {"runs": runs})
+    runs). Runs that end at once (a sweep's parallel jobs) each keep theirs: the file is read and
+    rewritten under an exclusive lock."""
+    path = _bookkeeping_path(device)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.with_suffix(".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        runs = (_bookkeeping_runs(device) + [record])[-BOOKKEEPING_HISTORY:]
+        _write_json(path, {"runs": runs})
 
 
 @dataclass
