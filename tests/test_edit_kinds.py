@@ -151,3 +151,15 @@ def test_head_masks_and_query_scales_are_ordinary_parts(llama):
     assert isinstance(scaling, QueryScaling) and isinstance(masking, HeadMasking)
     as_parts = AttentionEdit(parts=[QueryScaling(edit.query_scale), HeadMasking(edit.head_masks)])
     torch.testing.assert_close(logits(llama.model, as_parts), logits(llama.model, edit), atol=0, rtol=0)
+
+
+def test_a_bias_written_without_where_still_runs_and_says_how_to_move_on(llama):
+    with pytest.warns(DeprecationWarning, match="add a fourth parameter `where`"):
+        class OnlyFirstKeyWithoutWhere(OnlyFirstKey):  # as edits were written before `where`
+            def bias(self, layer, rows, key_length):
+                return OnlyFirstKey.bias(self, layer, rows, key_length, None)
+
+    old = logits(llama.model, AttentionEdit(parts=[OnlyFirstKeyWithoutWhere((1, 2))]))
+    new = logits(llama.model, AttentionEdit(parts=[OnlyFirstKey((1, 2))]))
+    torch.testing.assert_close(old, new, atol=0, rtol=0)
+    assert not torch.equal(new, logits(llama.model))

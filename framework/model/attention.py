@@ -30,11 +30,13 @@ Detectors and interventions go through this module; none of them patches model i
 
 from __future__ import annotations
 
+import functools
+import inspect
+import warnings
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from functools import cached_property
 from typing import Any, Callable, Iterable, Iterator, Literal, Sequence, get_args
 
 import numpy as np
@@ -86,7 +88,7 @@ class AttentionPass:
             k_len = q_len  # SDPA crops a causal prefill's keys to the query length
         return cls(layer, q_len, k_len, attention_mask, position_ids, query.shape[0])
 
-    @cached_property
+    @functools.cached_property
     def pad(self) -> torch.Tensor:
         """[batch] left-pad keys per sample (computed on first use)."""
         given = self.attention_mask if self.attention_mask is not None else self.position_ids
@@ -137,6 +139,24 @@ class HeadEdit(ABC):
       a bias may return for it: see :meth:`bias`;
     * :meth:`output`: the attention output [batch, q_len, heads, head_dim], what ``o_proj`` reads.
     """
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        """An edit written before :meth:`bias` took ``where`` (``bias(self, layer, rows,
+        key_length)``) keeps working: it is called without it, with a DeprecationWarning that
+        says how to move on."""
+        super().__init_subclass__(**kwargs)
+        bias = cls.__dict__.get("bias")
+        if bias is None or len(inspect.signature(bias).parameters) != 4:
+            return
+        warnings.warn(f"{cls.__module__}.{cls.__qualname__}.bias(layer, rows, key_length) takes no `where`: add a "
+                      "fourth parameter `where` (an AttentionPass: padding and positions of the pass); it is called "
+                      "without it for now", DeprecationWarning, stacklevel=2)
+
+        @functools.wraps(bias)
+        def bias_without_where(self, layer: int, rows: torch.Tensor, key_length: int, where: AttentionPass):
+            return bias(self, layer, rows, key_length)
+
+        cls.bias = bias_without_where
 
     @property
     @abstractmethod
