@@ -77,8 +77,9 @@ def run_here(cwd: Path, *args: str, module: str = "framework", env: dict[str, st
     saved_sigterm, root = signal.getsignal(signal.SIGTERM), logging.getLogger()
     saved_handlers, saved_level = list(root.handlers), root.level
     stdout, stderr, code = io.StringIO(), io.StringIO(), 0
+    command_env = env or environment()  # read before the clear: environment() copies os.environ
     os.environ.clear()
-    os.environ.update(env or environment())
+    os.environ.update(command_env)
     os.chdir(cwd)
     # Hydra's own logging set-up (logging.config.dictConfig) would close every handler of this
     # process, pytest's included: it is left out, and a handler like Hydra's console one (INFO
