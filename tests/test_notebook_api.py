@@ -148,10 +148,14 @@ class _Interrupt:
 def test_an_interrupted_run_is_killed_in_process(store, loaded):
     manager = get_registry().manager
     manager.register(_Interrupt(), name="test-interrupt")
+    # Python's Ctrl-C handler, as in a notebook: a suite started in the background (`pytest &`)
+    # inherits SIGINT ignored from its shell, and the raised signal would then do nothing
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises(KeyboardInterrupt) as interrupted:
             framework.run(*DETECTOR, *TINY_GRID, model=loaded)
     finally:
+        signal.signal(signal.SIGINT, previous)
         manager.unregister(name="test-interrupt")
     run_id = failed_run_id(interrupted.value)
     assert store.get_run(run_id).info.status == "KILLED" and mlflow.active_run() is None
