@@ -95,17 +95,21 @@ BASELINE = "baseline"  # the label of the unedited condition that every run eval
 
 @dataclass
 class Condition:
-    """One evaluated edit: ``role`` is treatment, control, null (an extra random control) or extra."""
+    """One evaluated edit: ``role`` is treatment, control, null (an extra random control) or extra;
+    ``detector``: the key of the extra detector whose heads it acts on (``per_detector``), None
+    for the run's main detector."""
 
     label: str
     role: str
     intervention: str
     edit: AttentionEdit
     dose: float | None = None
+    detector: str | None = None
 
     def describe(self) -> dict[str, Any]:
-        """JSON-ready: role, intervention, dose and what the edit changes (``intervention/edits.json``)."""
-        return {"role": self.role, "intervention": self.intervention, "dose": self.dose, **self.edit.describe()}
+        """JSON-ready: role, intervention, dose, detector and what the edit changes (``intervention/edits.json``)."""
+        return {"role": self.role, "intervention": self.intervention, "dose": self.dose, "detector": self.detector,
+                **self.edit.describe()}
 
 
 @dataclass
@@ -172,7 +176,9 @@ class Intervention(ABC):
 
     def condition_metrics(self, model: LoadedModel, edit: AttentionEdit) -> dict[str, float]:
         """Metrics of one condition this intervention built (its treatment, control or a dose of
-        them), logged as ``<metric>/<condition label>``, e.g. ``kv/fraction_kept/control``."""
+        them), logged as ``<metric>/<condition label>``, e.g. ``kv/fraction_kept/control``. Called
+        once the condition's samples have run, so it may report what the edit measured there
+        (``streaming_heads``: the evicted cache's bytes)."""
         return {}
 
     def select(self, scores: HeadScores, heads: list[Head]) -> list[Head]:

@@ -65,12 +65,36 @@ def test_each_detector_gets_its_own_causal_check(tmp_path, monkeypatch, compose_
     assert "detectors/agreement.png" in [f.path for f in store.list_artifacts(context.run_id, "detectors")]
 
 
-def test_per_detector_needs_an_intervention_and_no_dose(compose_config):
+def test_per_detector_needs_an_intervention(compose_config):
     with pytest.raises(ConfigError, match="per_detector act on an intervention"):
         pipeline.run(compose_config("+detector=qnorm", "+detector@detectors.echo=echo", "per_detector=true"))
-    with pytest.raises(ConfigError, match="per_detector=true and dose"):
-        pipeline.run(compose_config("+detector=qnorm", "+detector@detectors.echo=echo", "per_detector=true",
-                                    "+intervention=head_mask", "dose.param=heads", "dose.values=[2,4]"))
+
+
+def test_per_detector_with_a_dose_gives_each_detector_its_dose_series(compose_config):
+    import numpy as np
+    from conftest import tiny_llama
+
+    from framework.interfaces import HeadScores
+    from framework.registry import get_registry
+    from framework.runner.conditions import Plan, comparisons
+
+    loaded = tiny_llama()
+    config = compose_config("+detector=qnorm", "+detector@detectors.echo=echo", "per_detector=true",
+                            "+intervention=head_mask", "dose.param=heads", "dose.values=[1,2]")
+    plan = Plan.from_config(config, get_registry(), loaded.info)
+    assert plan.n_conditions == 8
+    main_scores, echo_scores = np.arange(12.0).reshape(3, 4), -np.arange(12.0).reshape(3, 4)
+    conditions = plan.conditions(loaded, HeadScores("qnorm", main_scores, [(2, 3)]), 0,
+                                 {"echo": HeadScores("echo", echo_scores, [(0, 0)])})
+    by_label = {c.label: c for c in conditions}
+    assert list(by_label) == ["treatment.heads_1", "control.heads_1", "treatment.heads_2", "control.heads_2",
+                              "treatment.echo.heads_1", "control.echo.heads_1", "treatment.echo.heads_2",
+                              "control.echo.heads_2"]
+    # each series follows its own detector's scores: the top heads of qnorm are the last, of echo the first
+    assert by_label["treatment.heads_2"].edit.heads == [(2, 2), (2, 3)]
+    assert by_label["treatment.echo.heads_2"].edit.heads == [(0, 0), (0, 1)]
+    assert {c.detector for c in conditions} == {None, "echo"}
+    assert ("treatment.echo.heads_2", "control.echo.heads_2") in comparisons(conditions)
 
 
 def test_per_detector_refuses_a_detector_that_selected_no_heads(compose_config):

@@ -27,25 +27,32 @@ FRACTION = "kv/fraction_kept/"
 WITHIN = 0.95
 
 
-def _line(label: str, role: str) -> str:
-    """Which curve a condition belongs to: treatment/control doses share one line each."""
-    return role if role in ("treatment", "control") else label
+def _line(label: str, role: str, detector: str | None, name: str) -> str:
+    """Which curve a condition belongs to: a detector's treatment doses share one line
+    (``<detector>: treatment``), its matched controls another (``control``, or
+    ``<key>: control`` for an extra detector's, ``per_detector``); named conditions are their own."""
+    if role == "treatment":
+        return f"{detector or name}: treatment" if detector or name else "treatment"
+    if role == "control":
+        return f"{detector}: control" if detector else "control"
+    return label
 
 
 def curve(table: pd.DataFrame, fractions: dict[str, float], name: str = "") -> pd.DataFrame:
     """One row per condition with a fraction: line, fraction, recall, 95 % CI half-width
-    (normal approximation, 1.96 standard errors of the mean), samples. ``name`` prefixes the
-    treatment line (e.g. the detector)."""
+    (normal approximation, 1.96 standard errors of the mean), samples. ``name``: the main
+    detector, which names its treatment line; extra detectors' lines carry their keys."""
     rows = []
     for label, fraction in fractions.items():
         outcomes = table.loc[table["condition"] == label]
         if outcomes.empty:
             continue
-        line = _line(label, outcomes["role"].iloc[0])
+        detector = outcomes["detector"].iloc[0] if "detector" in outcomes else None
+        line = _line(label, outcomes["role"].iloc[0], detector if isinstance(detector, str) else None, name)
         correct = outcomes["correct"].to_numpy(dtype=float)
         half = 1.96 * correct.std(ddof=1) / np.sqrt(len(correct)) if len(correct) > 1 else 0.0
-        rows.append({"line": f"{name}: {line}" if name and line == "treatment" else line, "condition": label,
-                     "fraction": float(fraction), "recall": float(correct.mean()), "ci": float(half), "n": len(correct)})
+        rows.append({"line": line, "condition": label, "fraction": float(fraction), "recall": float(correct.mean()),
+                     "ci": float(half), "n": len(correct)})
     return pd.DataFrame(rows, columns=["line", "condition", "fraction", "recall", "ci", "n"])
 
 

@@ -21,7 +21,9 @@ Every condition is an :class:`AttentionEdit` evaluated on the same samples as th
   (:meth:`Intervention.select`, e.g. ``streaming_heads keep=lowest``: as many of the lowest-scoring).
 * ``per_detector: true``: the intervention's treatment and matched control on each extra
   detector's selected heads too (``detectors: {key: ...}``), labelled ``treatment.<key>`` /
-  ``control.<key>``: a causal check of every detector in one run (``detector_comparison``).
+  ``control.<key>``: a causal check of every detector in one run (``detector_comparison``). With
+  a dose, each extra detector gets the whole dose series on its own scores
+  (``treatment.<key>.<param>_<value>``), e.g. a KV budget curve per detector (``kv_compression``).
 """
 
 from __future__ import annotations
@@ -70,11 +72,9 @@ class Plan:
             extras[label] = registry.create("intervention", node)
             extras[label].validate(info)
         per_detector = list(config.get("detectors") or {}) if config.get("per_detector") else []
-        if per_detector and doses:
-            raise ConfigError("per_detector=true and dose act on different head sets: run them apart")
         for key in per_detector:
-            if f"treatment.{key}" in extras or f"control.{key}" in extras:
-                raise ConfigError(f"detector key {key!r} clashes with a condition label; rename one")
+            if any(label.split(".")[:2] in (["treatment", key], ["control", key]) for label in extras) or "." in key:
+                raise ConfigError(f"detector key {key!r} clashes with a condition label (or holds a '.'); rename one")
         plan = cls(intervention, doses, dose_param, controls, extras, per_detector)
         targets = (config.get("task") or {}).get("context_lengths")
         if targets:  # the task's prompt lengths, checked again on the built samples: refused before any model work
@@ -90,7 +90,7 @@ class Plan:
 
     @property
     def n_conditions(self) -> int:
-        return 2 * max(1, len(self.doses)) + 2 * len(self.per_detector) + len(self.extras) + self.controls
+        return 2 * max(1, len(self.doses)) * (1 + len(self.per_detector)) + len(self.extras) + self.controls
 
     def check_lengths(self, lengths: list[int]) -> None:
         """Every intervention learns the evaluation prompt lengths (and may refuse them)."""
@@ -114,36 +114,18 @@ class Plan:
                    detector_scores: Mapping[str, HeadScores] | None = None) -> list[Condition]:
         """Every condition of the run, in evaluation order (nulls last); ``detector_scores``: the
         extra detectors' results, by key, for ``per_detector``."""
-        heads, name = scores.selected, self.intervention.name
-        planned = []
-        if self.doses:
-            for value in self.doses:
-                variant, dosed_heads = _at_dose(self.intervention, self.dose_param, value, model.info, scores)
-                dosed_heads = variant.select(scores, dosed_heads)
-                suffix = f".{self.dose_param}_{dose_text(value)}"
-                planned += [
-                    Condition("treatment" + suffix, "treatment", name, variant.treatment(model, dosed_heads), value),
-                    Condition("control" + suffix, "control", name,
-                              variant.control(model, dosed_heads, np.random.default_rng(control_seed)), value),
-                ]
-            reference, heads = _at_dose(self.intervention, self.dose_param, self.doses[-1], model.info, scores)
-            acted = reference.select(scores, heads)
-        else:
-            reference = self.intervention
-            acted = reference.select(scores, heads)
-            planned += [
-                Condition("treatment", "treatment", name, reference.treatment(model, acted)),
-                Condition("control", "control", name, reference.control(model, acted, np.random.default_rng(control_seed))),
-            ]
+        planned = self._pairs(model, scores, control_seed, "")
         for key in self.per_detector:
-            other = (detector_scores or {})[key].selected
-            if not other:
+            other = (detector_scores or {})[key]
+            if not other.selected:
                 raise ConfigError(f"per_detector: detector {key!r} selected no heads; lower its threshold or set its top_k")
-            planned += [
-                Condition(f"treatment.{key}", "treatment", name, self.intervention.treatment(model, other)),
-                Condition(f"control.{key}", "control", name,
-                          self.intervention.control(model, other, np.random.default_rng(control_seed))),
-            ]
+            planned += self._pairs(model, other, control_seed, key)
+        if self.doses:
+            reference, heads = _at_dose(self.intervention, self.dose_param, self.doses[-1], model.info, scores)
+        else:
+            reference, heads = self.intervention, scores.selected
+        acted = reference.select(scores, heads)
+        name = self.intervention.name
         planned += [Condition(label, "extra", extra.name, extra.treatment(model, extra.select(scores, heads)))
                     for label, extra in self.extras.items()]
         planned += [
@@ -151,6 +133,26 @@ class Plan:
             for i in range(1, self.controls + 1)
         ]
         return planned
+
+    def _pairs(self, model: LoadedModel, scores: HeadScores, control_seed: int, key: str) -> list[Condition]:
+        """The treatment and matched control on one detector's heads (``key``: an extra
+        detector's, "" for the main one), once or at every dose."""
+        name, tag = self.intervention.name, f".{key}" if key else ""
+        doses: list[float | None] = list(self.doses) or [None]
+        pairs = []
+        for value in doses:
+            if value is None:
+                variant, heads, suffix = self.intervention, scores.selected, ""
+            else:
+                variant, heads = _at_dose(self.intervention, self.dose_param, value, model.info, scores)
+                suffix = f".{self.dose_param}_{dose_text(value)}"
+            heads = variant.select(scores, heads)
+            pairs += [
+                Condition(f"treatment{tag}{suffix}", "treatment", name, variant.treatment(model, heads), value, key or None),
+                Condition(f"control{tag}{suffix}", "control", name,
+                          variant.control(model, heads, np.random.default_rng(control_seed)), value, key or None),
+            ]
+        return pairs
 
 
 def is_dosed(config: Mapping[str, Any]) -> bool:

@@ -166,24 +166,23 @@ def log_agreement(results: Mapping[str, HeadScores]) -> None:
 
 
 def causal_table(context: RunContext, main_key: str) -> pd.DataFrame:
-    """Per detector whose heads were intervened on: heads, recalls and paired p-values of its
-    treatment against its control and the baseline (one column per test)."""
-    labels = {main_key: "treatment"}
-    labels.update({c.label.removeprefix("treatment."): c.label for c in context.conditions
-                   if c.role == "treatment" and c.label.removeprefix("treatment.") in context.detector_scores})
-    edits = {c.label: c for c in context.conditions}
+    """Per detector whose heads were intervened on (and per dose, in a dose run): heads, recalls
+    and paired p-values of its treatment against its control and the baseline (one column per test)."""
     rows = []
-    for key, treatment in labels.items():
-        control = "control" + treatment.removeprefix("treatment")
-        result = context.head_scores if key == main_key else context.detector_scores[key]
-        row: dict[str, Any] = {"detector": key, "name": result.detector, "heads": len(edits[treatment].edit.heads),
+    for treatment in (c for c in context.conditions if c.role == "treatment"):
+        key = treatment.detector or main_key
+        control = "control" + treatment.label.removeprefix("treatment")
+        result = context.detector_scores[treatment.detector] if treatment.detector else context.head_scores
+        row: dict[str, Any] = {"detector": key, "name": result.detector, "dose": treatment.dose,
+                               "heads": len(treatment.edit.heads),
                                "recall_baseline": float(context.outcomes[BASELINE].mean()),
-                               "recall_treatment": float(context.outcomes[treatment].mean()),
+                               "recall_treatment": float(context.outcomes[treatment.label].mean()),
                                "recall_control": float(context.outcomes[control].mean())}
         for metric, value in context.metrics.items():
             test, _, rest = metric.partition("/")
             for reference, column in ((control, "control"), (BASELINE, "baseline")):
-                if rest == f"{treatment}_vs_{reference}/p_value":
+                if rest == f"{treatment.label}_vs_{reference}/p_value":
                     row[f"{test}_p_vs_{column}"] = value
         rows.append(row)
-    return pd.DataFrame(rows)
+    table = pd.DataFrame(rows)
+    return table.drop(columns="dose") if table["dose"].isna().all() else table

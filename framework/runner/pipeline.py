@@ -95,7 +95,8 @@ def _sample_table(
         for sample, output, correct in zip(samples, outputs[label], outcomes[label]):
             meta = {k: v for k, v in sample.meta.items() if isinstance(v, (int, float, str))}
             rows.append({"sample": sample.id, "condition": label, "role": condition.role if condition else BASELINE,
-                         "dose": condition.dose if condition else None, "answer": sample.answer,
+                         "dose": condition.dose if condition else None,
+                         "detector": condition.detector if condition else None, "answer": sample.answer,
                          "output": output, "correct": float(correct), **meta})
     return pd.DataFrame(rows)
 
@@ -257,14 +258,14 @@ def run(
                 context.conditions.extend(plan.conditions(model, context.head_scores, config["control_seed"],
                                                           context.detector_scores))
                 mlflow.log_dict({c.label: c.describe() for c in context.conditions}, "intervention/edits.json")
-                own = plan.condition_metrics(model, context.conditions)  # e.g. kv/fraction_kept/<label>
-                context.metrics.update(own)
-                mlflow.log_metrics(own)
                 for condition in context.conditions:
                     steps.start(condition.label, f"{condition.intervention} on {len(condition.edit.heads)} heads, "
                                 f"{len(samples)} samples")
                     outputs[condition.label], context.outcomes[condition.label] = _evaluate(
                         condition.label, model, task, samples, condition.edit, batch_size)
+                    own = plan.condition_metrics(model, [condition])  # e.g. kv/fraction_kept/<label>, kv/bytes/<label>
+                    context.metrics.update(own)
+                    mlflow.log_metrics(own)
 
         cost.step("analysis")
         table = _sample_table(samples, outputs, context.outcomes, context.conditions)
