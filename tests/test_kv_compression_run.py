@@ -50,7 +50,8 @@ def test_compression_run_logs_fractions_budget_and_figure(tmp_path, monkeypatch,
                    f"conditions.{label}.sink={SINK}", f"conditions.{label}.recent={RECENT}"]
     config = compose_config("task=passkey", "task.context_lengths=[200]", "task.depths=[0.5]", "task.samples_per_cell=2",
                             "+detector=attn_mass", "detector.top_k=9", "+intervention=streaming_heads", *window,
-                            "intervention.cache=evicted", "dose.param=heads", "dose.values=[3,9]", *extras)
+                            "intervention.cache=evicted", "dose.param=heads", "dose.values=[3,9]", *extras,
+                            "+detector@detectors.qnorm=qnorm", "detectors.qnorm.top_k=9", "per_detector=true")
     context = pipeline.run(config, loaded=embedded_model)
     run = MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}").get_run(context.run_id)
     metrics = run.data.metrics
@@ -58,14 +59,23 @@ def test_compression_run_logs_fractions_budget_and_figure(tmp_path, monkeypatch,
     longest = max(len(sample.input_ids) for sample in samples)
     fractions = {key.removeprefix("kv/fraction_kept/"): value for key, value in metrics.items()
                  if key.startswith("kv/fraction_kept/")}
-    assert set(fractions) == {"treatment.heads_3", "control.heads_3", "treatment.heads_9", "control.heads_9",
-                              "all_streaming", "lowest_kept"}
-    for dose in (3, 9):  # random KV heads matched per layer: the same memory as the treatment
-        assert fractions[f"treatment.heads_{dose}"] == fractions[f"control.heads_{dose}"]
+    dosed = {f"{role}{key}.heads_{dose}" for role in ("treatment", "control") for key in ("", ".qnorm") for dose in (3, 9)}
+    assert set(fractions) == dosed | {"all_streaming", "lowest_kept"}  # each detector's dose series, same samples
+    for key in ("", ".qnorm"):
+        for dose in (3, 9):  # random KV heads matched per layer: the same memory as the treatment
+            assert fractions[f"treatment{key}.heads_{dose}"] == fractions[f"control{key}.heads_{dose}"]
+    for label in dosed:  # the evicted cache held what the formula says, at the longest generation
+        assert metrics[f"kv/bytes/{label}"] == metrics[f"kv/bytes_formula/{label}"] < metrics[f"kv/bytes_full/{label}"]
+        assert metrics[f"kv/tokens/{label}"] == longest + config["task"]["max_new_tokens"] - 1
+    assert "kv/bytes/all_streaming" not in metrics  # masked (the conditions' default cache): nothing evicted to measure
+    tokens = metrics["kv/tokens/treatment.heads_3"]
+    assert metrics["kv/bytes_full/treatment.heads_3"] == 30 * 3 * tokens * 2 * 64 * 4  # layers, KV heads, K+V, dim, float32
     assert fractions["all_streaming"] < fractions["treatment.heads_3"] <= fractions["treatment.heads_9"] < 1
     assert fractions["all_streaming"] == pytest.approx((SINK + RECENT) / longest)  # StreamingLLM: no KV head full
     assert "kv_budget.png" in [a.path for a in MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
                                .list_artifacts(context.run_id)]
-    assert {"kv_budget/attn_mass: treatment/auc", "kv_budget/control/smallest_fraction"} <= set(metrics)
+    assert {"kv_budget/attn_mass: treatment/auc", "kv_budget/control/smallest_fraction",
+            "kv_budget/qnorm: treatment/auc", "kv_budget/qnorm: control/smallest_fraction"} <= set(metrics)
+    assert any(key.endswith("treatment.qnorm.heads_9_vs_control.qnorm.heads_9/p_holm") for key in metrics)
     assert any(key.endswith("treatment.heads_9_vs_control.heads_9/p_holm") for key in metrics)
     assert np.isfinite(metrics["recall/all_streaming"])

@@ -43,7 +43,9 @@ import numpy as np
 import torch
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
-from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+from transformers.masking_utils import AttentionMaskInterface
+
+from framework.model.masks import RuleMask, chunked_sdpa, rule_mask
 
 Head = tuple[int, int]
 """A query head as (layer, head), both counted from 0: how detectors select and edits address heads."""
@@ -56,7 +58,7 @@ PHASES: tuple[str, ...] = get_args(Phase)
 """The passes an edit acts in: the ``prefill`` of the prompt, each ``decode`` step, or ``both``."""
 Vector = np.ndarray | torch.Tensor  # one value per head dimension
 ATTN_IMPLEMENTATION = "retrieval_heads"
-_ROW_CHUNK = 256
+_ROW_CHUNK = 256  # query rows per chunk on the chunked paths (manual, streaming, long masks)
 
 
 @dataclass(frozen=True)
@@ -98,6 +100,8 @@ class AttentionPass:
             return (self.key_length - 1 - last).expand(self.batch)
         if self.attention_mask is None:
             return torch.zeros(self.batch, dtype=torch.long, device=device)
+        if isinstance(self.attention_mask, RuleMask):
+            return self.attention_mask.pad.expand(self.batch)
         seen = self.attention_mask[:, 0, :, : self.key_length]
         seen = seen if seen.dtype == torch.bool else seen > float("-inf")
         return (~seen.any(dim=1)).sum(dim=1).expand(self.batch)
@@ -334,6 +338,8 @@ class StreamingWindow(HeadEdit):
         self.streaming, self.n_heads, self.sink, self.recent = sorted(set(heads)), n_heads, sink, recent
         self.prefill, self.evict = prefill, evict
         self.cache: Any = None  # the evicting cache of the generation under way (see AttentionEdit.kv_cache)
+        # per finished evicting generation: (tokens, bytes per sample) its full-attention layers held
+        self.measured: list[tuple[int, int]] = []
 
     @property
     def heads(self) -> list[Head]:
@@ -453,8 +459,9 @@ class AttentionEdit:
     @contextmanager
     def kv_cache(self, model: torch.nn.Module) -> Iterator[Any]:
         """A KV cache for one generation with this edit: an evicting cache (:mod:`framework.model.kv_cache`)
-        where a part is a :class:`StreamingWindow` with ``evict``, else None (the model's own)."""
-        from framework.model.kv_cache import streaming_cache
+        where a part is a :class:`StreamingWindow` with ``evict``, else None (the model's own). What
+        the evicting cache held at the end is added to the window's ``measured``."""
+        from framework.model.kv_cache import full_layer_bytes, streaming_cache
 
         evicting = [p for p in self.parts if isinstance(p, StreamingWindow) and p.evict]
         if not evicting:
@@ -467,6 +474,8 @@ class AttentionEdit:
         window.cache = streaming_cache(model, window.streaming_kv_heads(config.num_key_value_heads), window.sink, window.recent)
         try:
             yield window.cache
+            _, tokens, held = full_layer_bytes(window.cache)
+            window.measured.append((tokens, held))
         finally:
             window.cache = None
 
@@ -794,7 +803,10 @@ def _windowed_attention(
     full = [h for h in range(n_heads) if h not in set(streaming)]
     outputs: dict[str, torch.Tensor] = {}
     device = query.device
-    if full:
+    if full and isinstance(mask, RuleMask):
+        outputs["full"] = chunked_sdpa(query[:, full], key, value, mask, scaling, _ROW_CHUNK,
+                                       torch.tensor([h // group for h in full], device=device))
+    elif full:
         outputs["full"] = _group_sdpa(query[:, full], key, value, full, group, mask, scaling)
     kv = torch.tensor([h // group for h in streaming], device=device)
     stream_query = query[:, streaming]
@@ -909,6 +921,8 @@ def instrumented_attention(
         output = _windowed_attention(query, key, value, attention_mask, scaling, window, where)
     elif softcap is not None or bias is not None:
         output = _manual_attention(query, key, value, attention_mask, scaling, softcap, bias)
+    elif isinstance(attention_mask, RuleMask):  # a long pass whose mask is kept as its rule: query chunks
+        output = chunked_sdpa(query, key, value, attention_mask, scaling, _ROW_CHUNK).transpose(1, 2).contiguous()
     else:
         output, _ = sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
@@ -929,7 +943,7 @@ def install(model: torch.nn.Module) -> None:
         if module.__dict__.get(_MODEL_KEY) != id(model):
             module.__dict__[_MODEL_KEY] = id(model)
     AttentionInterface.register(ATTN_IMPLEMENTATION, instrumented_attention)
-    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, rule_mask)
     if model.config._attn_implementation != ATTN_IMPLEMENTATION:
         model.set_attn_implementation(ATTN_IMPLEMENTATION)
 

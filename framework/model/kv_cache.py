@@ -106,3 +106,17 @@ def cache_nbytes(cache: DynamicCache) -> int:
         elif layer.is_initialized:
             total += layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
     return total
+
+
+def full_layer_bytes(cache: DynamicCache) -> tuple[int, int, int]:
+    """What a finished generation's full-attention layers hold: (batch, tokens, bytes per sample): the bytes of their keys and values (evicted or not) and the tokens of the
+    longest pass (left padding included). Sliding-window layers are left out: they hold their
+    window whichever heads are kept."""
+    layers = [layer for layer in cache.layers if type(layer) in (DynamicLayer, StreamingLayer) and layer.is_initialized]
+    if not layers:
+        return 0, 0, 0
+    batch = layers[0].keys.shape[0]
+    held = sum(layer.nbytes() if isinstance(layer, StreamingLayer) else
+               layer.keys.numel() * layer.keys.element_size() + layer.values.numel() * layer.values.element_size()
+               for layer in layers)
+    return batch, max(layer.get_seq_length() for layer in layers), held // batch

@@ -30,7 +30,11 @@ streamed: the same memory as the treatment.
 Per condition it reports ``kv/fraction_kept/<condition>``: the fraction of the full KV cache the
 edit needs at the run's longest prompt, r + (1 - r)(sink + recent)/L over the compressible layers'
 KV heads (sliding layers count as the window they hold either way). With ``query_head`` it counts
-KV heads, so a KV head with one full query head counts as full.
+KV heads, so a KV head with one full query head counts as full. With ``cache: evicted`` it also
+reports what the cache really held after the condition's longest generation (prompt and
+generated tokens), per sample, over the full-attention layers: ``kv/bytes`` (measured),
+``kv/bytes_formula`` (the same from r and the window) and ``kv/bytes_full`` (no head streamed),
+at ``kv/tokens``.
 """
 
 from __future__ import annotations
@@ -147,9 +151,29 @@ class StreamingHeads(Intervention):
         return self._edit(model, drawn)
 
     def condition_metrics(self, model: LoadedModel, edit: AttentionEdit) -> dict[str, float]:
-        if self.longest is None:
-            return {}
-        return {"kv/fraction_kept": kv_fraction_kept(model, edit, self.longest)}
+        metrics = {} if self.longest is None else {"kv/fraction_kept": kv_fraction_kept(model, edit, self.longest)}
+        measured = [m for part in edit.parts if isinstance(part, StreamingWindow) for m in part.measured]
+        if measured:  # evicted: what the cache really held after the longest generation, per sample
+            tokens, held = max(measured)
+            metrics.update({"kv/tokens": tokens, "kv/bytes": held, **full_layer_bytes_expected(model, edit, tokens)})
+        return metrics
+
+
+def full_layer_bytes_expected(model: LoadedModel, edit: AttentionEdit, tokens: int) -> dict[str, float]:
+    """Per sample, the full-attention layers' KV bytes at ``tokens``: ``kv/bytes_full`` uncompressed
+    and ``kv/bytes_formula`` with the edit's streaming KV heads holding min(tokens, sink + recent)
+    entries, i.e. r + (1 - r)(sink + recent)/L of the full cache; ``kv/bytes`` (measured) should equal
+    the latter."""
+    info = model.info
+    entry = 2 * info.head_dim * next(model.model.parameters()).element_size()  # a key and a value
+    layers = full_attention_layers(model)
+    full = len(layers) * info.n_kv_heads * tokens * entry
+    kept = full
+    for part in edit.parts:
+        if isinstance(part, StreamingWindow):
+            streamed = sum(len(heads) for heads in part.streaming_kv_heads(info.n_kv_heads).values())
+            kept -= streamed * (tokens - min(tokens, part.sink + part.recent)) * entry
+    return {"kv/bytes_full": full, "kv/bytes_formula": kept}
 
 
 def kv_fraction_kept(model: LoadedModel, edit: AttentionEdit, length: int) -> float:
