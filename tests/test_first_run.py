@@ -69,7 +69,7 @@ def test_a_dry_run_without_calibration_prices_from_the_architecture(tmp_path, ti
 
 def test_a_dry_run_extrapolates_a_short_calibration_and_says_how_far_it_may_be_off(tmp_path, tiny_source, no_weights):
     cache = tmp_path / "cache"
-    truth = [0.01, 1e-5, 1e-8, 3e-8]
+    truth = [0.01, 1e-5, 1e-8, 3e-8, 3e-8]
     noisy = _points([32, 64, 96, 128, 160, 192], truth)
     for point, wobble in zip(noisy, [1.0, 1.1, 0.9, 1.05, 0.95, 1.0]):
         point["prefill_seconds"] *= wobble
@@ -77,7 +77,7 @@ def test_a_dry_run_extrapolates_a_short_calibration_and_says_how_far_it_may_be_o
                               load_seconds=0.1, weights_bytes=10**6, load_peak_bytes=10**6, prefill=[], decode=[],
                               memory=[], points=[])
     cal.__dict__.update(planner.fit_costs(noisy, 5))
-    path = cache / "cost" / f"tiny-cpu-float32-{torch.get_num_threads()}threads.json"
+    path = cache / "cost" / f"tiny-cpu-float32-{torch.get_num_threads()}threads-{planner.COST_MODEL}.json"
     path.parent.mkdir(parents=True)
     path.write_text(json.dumps(cal.__dict__))
     result = _dry_run(tmp_path, tiny_source, cache, "task.context_lengths=[480]")
@@ -89,7 +89,7 @@ def test_a_dry_run_extrapolates_a_short_calibration_and_says_how_far_it_may_be_o
 
 
 def test_leave_one_out_refits_bracket_the_extrapolation():
-    truth = [0.01, 1e-5, 1e-8, 3e-8]
+    truth = [0.01, 1e-5, 1e-8, 3e-8, 3e-8]
     points = _points([32, 64, 96, 128, 160, 192], truth)
     for point, wobble in zip(points, [1.0, 1.2, 0.8, 1.1, 0.9, 1.0]):
         point["prefill_seconds"] *= wobble
@@ -103,7 +103,7 @@ def test_leave_one_out_refits_bracket_the_extrapolation():
 
 
 def test_points_measured_on_a_slower_machine_are_scaled_by_their_reference_pass():
-    truth = [0.05, 2e-4, 1e-7, 3e-7]
+    truth = [0.05, 2e-4, 1e-7, 3e-7, 3e-7]
     points = _points([256, 512, 1024, 1536, 2048], truth)
     busy = points[2]  # measured while the machine ran at a third of its speed: its reference pass too
     busy["prefill_seconds"] *= 3
@@ -165,7 +165,7 @@ def test_an_interrupted_calibration_resumes_where_it_stopped(tmp_path, tiny_sour
         for index, (batch, length) in enumerate(shapes):
             if stop_after is not None and index == stop_after:
                 raise KeyboardInterrupt
-            keep(_points([length], [0.01, 1e-5, 1e-8, 3e-8])[0] | {"batch": batch, "masked": float(batch > 1)})
+            keep(_points([length], [0.01, 1e-5, 1e-8, 3e-8, 3e-8])[0] | {"batch": batch, "masked": float(batch > 1)})
 
     monkeypatch.setattr(planner, "_measure_points", lambda *args, **kwargs: fake_measure(*args, **kwargs, stop_after=2))
     with pytest.raises(KeyboardInterrupt):

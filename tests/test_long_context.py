@@ -32,22 +32,39 @@ def _calibration(**coefficients) -> planner.Calibration:
                                weights_bytes=100, load_peak_bytes=150, points=[], **coefficients)
 
 
-def test_cost_fit_recovers_known_coefficients():
-    truth = {"prefill": [0.1, 2e-3, 1e-6, 3e-6], "decode": [0.02, 0.01, 1e-5], "memory": [5e6, 8e4, 5.0]}
+def _priced_points(truth: dict, shapes, sliding: bool) -> list[dict]:
     points = []
-    for batch, length in planner.CALIBRATION_POINTS:
-        masked = batch > 1
+    for batch, length in shapes:
+        masked = sliding or batch > 1
         points.append({"batch": batch, "length": length, "masked": float(masked),
                        "prefill_seconds": float(np.dot(truth["prefill"], planner._prefill_features(batch, length, masked))),
                        "decode_step_seconds": float(np.dot(truth["decode"], planner._decode_features(batch, length))),
                        "peak_bytes": float(np.dot(truth["memory"], planner._memory_features(batch, length, masked)))})
-    fitted = planner.fit_costs(points, mask_bytes=5.0)
+    return points
+
+
+def test_cost_fit_recovers_known_coefficients():
+    # no pass long enough for a rule mask: those are priced like dense masks (the 5th coefficient)
+    truth = {"prefill": [0.1, 2e-3, 1e-6, 3e-6, 3e-6], "decode": [0.02, 0.01, 1e-5], "memory": [5e6, 8e4, 5.0]}
+    fitted = planner.fit_costs(_priced_points(truth, planner.CALIBRATION_POINTS, sliding=False), mask_bytes=5.0)
     for key, expected in truth.items():
         np.testing.assert_allclose(fitted[key], expected, rtol=1e-6, atol=1e-12)
 
 
+def test_a_sliding_models_long_passes_are_priced_as_rule_masks():
+    # a sliding-window model: every pass masked; beyond masks.DENSE_LIMIT the mask is a rule, read
+    # in chunks: its own quadratic coefficient (a window costs less) and no mask in memory
+    truth = {"prefill": [0.1, 2e-3, 0.0, 3e-6, 5e-7], "decode": [0.02, 0.01, 1e-5], "memory": [5e6, 8e4, 5.0]}
+    shapes = [*planner.CALIBRATION_POINTS, (1, 4096), (1, 8192)]
+    assert [planner._ruled(n, True) for _, n in shapes] == [False] * 5 + [True, True]
+    fitted = planner.fit_costs(_priced_points(truth, shapes, sliding=True), mask_bytes=5.0)
+    for key, expected in truth.items():
+        np.testing.assert_allclose(fitted[key], expected, rtol=1e-6, atol=1e-12)
+    assert planner._memory_features(1, 8192, True)[2] == 0.0 and planner._memory_features(1, 2048, True)[2] == 2048**2
+
+
 def test_generation_is_priced_per_batch_of_similar_length():
-    cal = _calibration(prefill=[1.0, 0.01, 0.0, 0.001], decode=[0.5, 0.0, 0.0], memory=[0.0, 10.0, 1.0])
+    cal = _calibration(prefill=[1.0, 0.01, 0.0, 0.001, 0.0001], decode=[0.5, 0.0, 0.0], memory=[0.0, 10.0, 1.0])
     samples = [Sample(str(i), [0] * n, "", [], (0, 1), 1, (0, 1)) for i, n in enumerate([100, 100, 100, 200, 1000])]
     step = planner._generation("baseline", samples, batch_size=2, new_tokens=5, sliding=False, cal=cal)
     # by hand: batches [100, 100], [100] ([100, 200] pads too much), [200], [1000]; none padded
@@ -58,6 +75,11 @@ def test_generation_is_priced_per_batch_of_similar_length():
     step = planner._generation("sliding", samples[:2], batch_size=2, new_tokens=1, sliding=True, cal=cal)
     assert step.passes == 1 and step.seconds == pytest.approx(1 + 0.01 * 200 + 0.001 * 2 * 100**2)
     assert step.transient_bytes == pytest.approx(10.0 * 200 + 1.0 * 2 * 100**2)
+    # a long sliding pass keeps its mask as a rule: the rule mask's coefficient, no mask held
+    long = [Sample("long", [0] * 3000, "", [], (0, 1), 1, (0, 1))]
+    step = planner._generation("sliding", long, batch_size=1, new_tokens=1, sliding=True, cal=cal)
+    assert step.seconds == pytest.approx(1 + 0.01 * 3000 + 0.0001 * 3000**2)
+    assert step.transient_bytes == pytest.approx(10.0 * 3000)
 
 
 def test_bookkeeping_is_priced_from_the_runs_that_finished():

@@ -6,14 +6,18 @@ condition), and prices them with a cost model of the model on this device:
 
 * time of a prefill of ``batch`` sequences of ``length`` tokens:
   ``c0 + c1 * batch * length + c2 * batch * length^2`` (``c2`` separately for passes whose
-  attention needs an explicit mask: padded batches, sliding-window layers); a decode step:
+  attention needs an explicit mask: padded batches, sliding-window layers; and separately again
+  where that mask is kept as a rule and read in query chunks, beyond
+  :data:`framework.model.masks.DENSE_LIMIT` entries, where a sliding-window layer costs only its
+  window; until a calibration has measured such a pass it is priced like a dense mask); a decode step:
   ``d0 + d1 * batch + d2 * batch * keys``; generation is priced at ``max_new_tokens`` steps,
   an upper bound (it stops early when every sequence of a batch has ended);
 * peak memory: the process before the run + the weights (the config's parameter count x the
   dtype's size, or what loading left resident in the calibration if more: the tokenizer and the
   loader's buffers, 0.29 GiB beyond the weights for Gemma-3-270m on CPU) + the largest pass's
-  transient memory ``m0 + m1 * batch * length (+ m2 * batch * length^2 masked)`` (activations,
-  KV cache, masks), or the peak of loading, whichever is larger.
+  transient memory ``m0 + m1 * batch * length (+ m2 * batch * length^2 with a dense mask)``
+  (activations, KV cache, masks; a rule mask's chunks are O(length)), or the peak of loading,
+  whichever is larger.
 
 The coefficients are measured once per model, device, dtype and thread count by a calibration
 of a few short forward passes (:func:`calibrate`, logged point by point, each point kept as it is
@@ -60,6 +64,7 @@ import torch
 from scipy.optimize import nnls
 
 from framework.interfaces import ConfigError, Detector, Sample, Task
+from framework.model import masks
 from framework.model.generation import length_batches
 from framework.model.loading import (
     cache_root,
@@ -82,6 +87,9 @@ log = logging.getLogger(__name__)
 CALIBRATION_POINTS: tuple[tuple[int, int], ...] = ((1, 256), (1, 1024), (1, 2048), (2, 1024), (2, 2048))
 CALIBRATION_DECODE_STEPS = 4
 CALIBRATION_REPEATS = 2
+# the cost model's features; a calibration of an older one is measured anew (v2: rule masks beyond
+# masks.DENSE_LIMIT, whose passes cost differently from the dense masks the v1 points measured)
+COST_MODEL = "v2"
 LONG_CALIBRATION_CAP = 16384  # longest pass the calibration measures: 2 min for Gemma-3-270m on 2 cores
 BOOKKEEPING_HISTORY = 20  # finished runs kept to price bookkeeping
 BUSY_LOAD = 1.0  # other runnable threads per core above which a calibration point is flagged busy
@@ -194,9 +202,9 @@ class Calibration:
     load_seconds: float
     weights_bytes: int  # resident after the first pass, measured (the estimate uses the config's count)
     load_peak_bytes: int
-    prefill: list[float]  # c0, c1, c2 causal (no mask), c2 masked
+    prefill: list[float]  # c0, c1, c2 causal (no mask), c2 dense mask, c2 rule mask (read in chunks)
     decode: list[float]  # d0, d1, d2
-    memory: list[float]  # m0, m1, m2 masked
+    memory: list[float]  # m0, m1, m2 dense mask
     points: list[dict[str, float]]
     load_average: float = 0.0  # the machine's 1-minute load while calibrating: a busy machine inflates the times
     # the fastest reference pass among the points' (:func:`reference_seconds`): the points' times are
@@ -218,9 +226,15 @@ def _sliding(config: Any) -> bool:
     return bool(getattr(config, "sliding_window", None)) and "sliding_attention" in (getattr(config, "layer_types", None) or [])
 
 
+def _ruled(length: int, masked: bool) -> bool:
+    """Whether a pass's explicit mask is kept as a rule (:func:`framework.model.masks.rule_mask`)."""
+    return masked and length * length > masks.DENSE_LIMIT
+
+
 def _prefill_features(batch: int, length: int, masked: bool) -> list[float]:
-    square = batch * length**2
-    return [1.0, batch * length, 0.0 if masked else square, square if masked else 0.0]
+    square, ruled = batch * length**2, _ruled(length, masked)
+    return [1.0, batch * length, 0.0 if masked else square, square if masked and not ruled else 0.0,
+            square if ruled else 0.0]
 
 
 def _decode_features(batch: int, keys: int) -> list[float]:
@@ -228,7 +242,7 @@ def _decode_features(batch: int, keys: int) -> list[float]:
 
 
 def _memory_features(batch: int, length: int, masked: bool) -> list[float]:
-    return [1.0, batch * length, batch * length**2 if masked else 0.0]
+    return [1.0, batch * length, batch * length**2 if masked and not _ruled(length, masked) else 0.0]
 
 
 def _parameter_counts(model_cfg: Any) -> tuple[int, int]:
@@ -269,7 +283,8 @@ def architecture_calibration(spec: Mapping[str, Any], model_cfg: Any, device: to
     streamed = (linear + vocab * hidden) * size  # weights a decode step reads
     kv_per_token = 2 * layers * kv_heads * head_dim * size
     prefill = [per_pass + 2 * hidden * vocab / flops_per_second, 2 * linear / flops_per_second,
-               layers * heads * head_dim * attention, layers * heads * head_dim * attention_masked]
+               layers * heads * head_dim * attention, layers * heads * head_dim * attention_masked,
+               layers * heads * head_dim * attention_masked]  # a rule mask's chunks: as a dense mask's, at most
     decode = [per_pass + streamed / bytes_per_second, 2 * (linear + vocab * hidden) / flops_per_second,
               kv_per_token / bytes_per_second + 4 * layers * heads * head_dim / flops_per_second]
     activations = kv_per_token + (6 * hidden + 2 * getattr(text, "intermediate_size", 4 * hidden)) * size
@@ -293,7 +308,7 @@ def _refits(cal: Calibration, mask_bytes: int) -> list[Calibration]:
 
 def _calibration_path(spec: Mapping[str, Any], device: torch.device, dtype: torch.dtype) -> Path:
     dtype_name = str(dtype).removeprefix("torch.")
-    return cache_root() / "cost" / f"{spec['name']}-{device.type}-{dtype_name}-{torch.get_num_threads()}threads.json"
+    return cache_root() / "cost" / f"{spec['name']}-{device.type}-{dtype_name}-{torch.get_num_threads()}threads-{COST_MODEL}.json"
 
 
 def _time_generation(model: Any, ids: torch.Tensor, mask: torch.Tensor, device: torch.device) -> tuple[float, float, int]:
@@ -452,7 +467,7 @@ def fit_costs(points: list[dict[str, float]], mask_bytes: float) -> dict[str, An
 
     The masks' memory is not fitted: at the calibration's short lengths it is lost in the noise,
     and at 32K it dominates. It is ``mask_bytes`` per element of a [batch, length, length] mask
-    (a boolean mask, plus the float copy SDPA makes of it on CPU)."""
+    (a boolean mask, plus the float copy SDPA makes of it on CPU); a rule mask (a longer pass) holds none."""
 
     def fit(features: list[list[float]], target: list[float]) -> list[float]:
         return nnls(np.array(features), np.array(target))[0].tolist()
@@ -462,14 +477,17 @@ def fit_costs(points: list[dict[str, float]], mask_bytes: float) -> dict[str, An
     references = [p["reference_seconds"] for p in points if p.get("reference_seconds")]
     typical = float(np.median(references)) if len(references) == len(points) else 0.0
     scale = [typical / p["reference_seconds"] if typical else 1.0 for p in points]
-    masks = [mask_bytes * p["batch"] * p["length"] ** 2 * p["masked"] for p in points]
+    dense = [mask_bytes * _memory_features(int(p["batch"]), int(p["length"]), bool(p["masked"]))[2] for p in points]
+    prefill = fit([_prefill_features(p["batch"], p["length"], bool(p["masked"])) for p in points],
+                  [p["prefill_seconds"] * f for p, f in zip(points, scale)])
+    if not any(_ruled(int(p["length"]), bool(p["masked"])) for p in points):
+        prefill[4] = prefill[3]  # no rule-mask pass measured yet: priced as a dense one (an upper bound)
     return {
-        "prefill": fit([_prefill_features(p["batch"], p["length"], bool(p["masked"])) for p in points],
-                       [p["prefill_seconds"] * f for p, f in zip(points, scale)]),
+        "prefill": prefill,
         "decode": fit([_decode_features(p["batch"], p["length"]) for p in points],
                       [p["decode_step_seconds"] * f for p, f in zip(points, scale)]),
         "memory": fit([[1.0, p["batch"] * p["length"]] for p in points],
-                      [p["peak_bytes"] - m for p, m in zip(points, masks)]) + [mask_bytes],
+                      [p["peak_bytes"] - m for p, m in zip(points, dense)]) + [mask_bytes],
         "points": points,
         "reference_seconds": typical,
     }
