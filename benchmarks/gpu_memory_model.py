@@ -13,7 +13,9 @@ The peak of a prefill is weights + KV cache + the boolean masks the pass builds 
 stream + the largest transient of one layer: the MLP's intermediates, RMSNorm's float32 copies,
 or the attention phase (query, key, value, RoPE temporaries, the mask's float copy and repeated
 key/value where SDPA gets an explicit mask, the chunked manual path of soft-capped models, and
-attn_mass's row capture). Not modelled: the CUDA context (~0.5 GiB), allocator fragmentation.
+attn_mass's row capture). Beyond ``framework.model.masks.DENSE_LIMIT`` entries (a 2K x 2K pass)
+an explicit mask is kept as a rule and read in query chunks: no length x length mask is built,
+and the attention phase holds one chunk's mask block instead. Not modelled: the CUDA context (~0.5 GiB), allocator fragmentation.
 
 Usage: python benchmarks/gpu_memory_model.py [--gpu-gib 80] [--lengths 8192 32768 131072]
        [--rows 64] [--new-tokens 12]
@@ -39,6 +41,7 @@ from transformers import (
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's framework, not an installed one
 from framework.interfaces import ConfigError  # noqa: E402
+from framework.model import masks  # noqa: E402
 from framework.model.attention import _ROW_CHUNK as MANUAL_ROW_CHUNK  # noqa: E402
 from framework.planning.planner import check_context_lengths  # noqa: E402
 
@@ -192,9 +195,18 @@ def explicit_mask_needed(arch: Architecture, tokens: int, padded: bool) -> bool:
     return padded or (arch.sliding_layers > 0 and tokens >= arch.sliding_window)
 
 
+def rule_mask(tokens: int) -> bool:
+    """Whether a pass's explicit masks are kept as rules (:func:`framework.model.masks.rule_mask`):
+    read in query chunks, never built whole."""
+    return tokens * tokens > masks.DENSE_LIMIT
+
+
 def resident_mask_bytes(arch: Architecture, tokens: int, batch: int = 1, padded: bool = False) -> int:
     """Boolean masks [batch, 1, tokens, tokens] built once per forward pass and held through it:
-    one for the sliding-window layers when needed, one for the full layers of a padded batch."""
+    one for the sliding-window layers when needed, one for the full layers of a padded batch;
+    none beyond ``masks.DENSE_LIMIT`` entries, where they are rules."""
+    if rule_mask(tokens):
+        return 0
     full_layers = arch.layers - arch.sliding_layers
     kinds = int(full_layers > 0 and padded) + int(arch.sliding_layers > 0 and explicit_mask_needed(arch, tokens, padded))
     return kinds * batch * tokens * tokens * BOOL
@@ -225,13 +237,19 @@ def attention_bytes(arch: Architecture, tokens: int, batch: int = 1, dtype_bytes
     an additive one) and the key and value repeated per query head (transformers enables SDPA's
     GQA only without a mask). Soft-capped models take the framework's manual path instead:
     float32 scores for a chunk of query rows against every key (scores, capped, softmax), one KV
-    head's key upcast to float32 at a time, and the chunks' outputs before and after concatenation."""
+    head's key upcast to float32 at a time, and the chunks' outputs before and after concatenation.
+    A rule mask (a long pass) is read a chunk at a time: a bool block and its additive copy per
+    chunk of query rows against at most every key, SDPA's GQA kept (no repeated key and value), and
+    the chunks' outputs before their concatenation."""
     query = batch * tokens * arch.heads * arch.head_dim * dtype_bytes
     key = batch * tokens * arch.kv_heads * arch.head_dim * dtype_bytes
     total = 4 * query + 2 * key
     if arch.softcap:
         chunk = min(MANUAL_ROW_CHUNK, tokens)
         total += 3 * batch * arch.heads * chunk * tokens * FP32 + key // arch.kv_heads * FP32 // dtype_bytes + 2 * query
+    elif explicit_mask and rule_mask(tokens):
+        chunk = min(MANUAL_ROW_CHUNK, tokens)
+        total += batch * chunk * tokens * (BOOL + dtype_bytes) + query
     elif explicit_mask:
         repeated = 2 * batch * arch.heads * tokens * arch.head_dim * dtype_bytes if arch.heads != arch.kv_heads else 0
         total += batch * tokens * tokens * dtype_bytes + repeated

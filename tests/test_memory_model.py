@@ -16,6 +16,7 @@ import yaml
 from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, MistralConfig, Olmo2Config, Qwen2Config
 
+from framework.model import masks as mask_rules
 from framework.model.attention import RowCapture, attention_probs, instrumented
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -65,24 +66,31 @@ def test_kv_cache_formula_matches_the_cache_after_a_prefill(family):
     assert sum(storages.values()) == memory_model.kv_cache_bytes(arch, PROMPT, batch=2, dtype_bytes=2)
 
 
+@pytest.mark.parametrize("rules", [False, True])
 @pytest.mark.parametrize(("family", "padded"), [("llama", False), ("llama", True), ("gemma2", False)])
-def test_mask_formula_matches_the_masks_a_pass_builds(family, padded):
+def test_mask_formula_matches_the_masks_a_pass_builds(family, padded, rules, monkeypatch):
+    if rules:  # the pass as long passes run it: masks kept as rules, none built whole
+        monkeypatch.setattr(mask_rules, "DENSE_LIMIT", 0)
     model, arch = tiny_model(family)
     batch = 2 if padded else 1
     attention_mask = torch.ones(batch, PROMPT, dtype=torch.long)
     if padded:
         attention_mask[0, :3] = 0  # left padding
     masks: dict[int, int] = {}
+    explicit = []
 
     def sink(layer, inputs):
         if inputs.attention_mask is not None:
-            storage = inputs.attention_mask.untyped_storage()
-            masks[storage.data_ptr()] = storage.nbytes()
+            explicit.append(layer)
+            if not isinstance(inputs.attention_mask, mask_rules.RuleMask):
+                storage = inputs.attention_mask.untyped_storage()
+                masks[storage.data_ptr()] = storage.nbytes()
 
     with torch.inference_mode(), instrumented(model, inputs=sink):
         model(input_ids=prompt(batch), attention_mask=attention_mask, logits_to_keep=1)
-    assert memory_model.explicit_mask_needed(arch, PROMPT, padded) == bool(masks)
+    assert memory_model.explicit_mask_needed(arch, PROMPT, padded) == bool(explicit)
     assert sum(masks.values()) == memory_model.resident_mask_bytes(arch, PROMPT, batch, padded)
+    assert bool(masks) == (bool(explicit) and not rules)
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma2"])
