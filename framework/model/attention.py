@@ -542,13 +542,15 @@ class AttentionInputs:
     """What a layer's attention computes with, as :func:`instrumented_attention` receives it:
     query [batch, heads, q_len, head_dim] after RoPE, QK-norm and the active edit's query scale;
     key and value [batch, kv_heads, k_len, head_dim] (GQA: not repeated); the mask in SDPA's
-    convention (None = causal, see :func:`attention_probs`); the softmax scaling and the logit
-    soft-cap (Gemma-2) or None. :func:`attention_rows` recomputes the head outputs from them."""
+    convention (None = causal, see :func:`attention_probs`), on a pass beyond 2K x 2K a
+    :class:`framework.model.masks.RuleMask` (read its rows, ``mask[:, :, rows, :k]`` or
+    :func:`key_bias`, never the whole); the softmax scaling and the logit soft-cap (Gemma-2) or
+    None. :func:`attention_rows` recomputes the head outputs from them."""
 
     query: torch.Tensor
     key: torch.Tensor
     value: torch.Tensor
-    attention_mask: torch.Tensor | None
+    attention_mask: torch.Tensor | RuleMask | None
     scaling: float
     softcap: float | None = None
 
