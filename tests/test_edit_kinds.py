@@ -163,3 +163,32 @@ def test_a_bias_written_without_where_still_runs_and_says_how_to_move_on(llama):
     new = logits(llama.model, AttentionEdit(parts=[OnlyFirstKey((1, 2))]))
     torch.testing.assert_close(old, new, atol=0, rtol=0)
     assert not torch.equal(new, logits(llama.model))
+
+
+def test_conditions_with_a_biased_edit_are_repriced_by_a_measured_factor(llama, tmp_path, monkeypatch):
+    import mlflow
+
+    from framework.api import StreamingWindow
+    from framework.interfaces import Condition, Sample
+    from framework.planning import planner
+
+    plain = Condition("treatment", "treatment", "x", AttentionEdit.mask_heads([(0, 0)], "zero"))
+    biased = Condition("control", "control", "x", AttentionEdit(parts=[Zero()]))
+    window = Condition("window", "extra", "x", AttentionEdit(parts=[StreamingWindow([(0, 0)], 4, sink=1, recent=2)]))
+    assert [planner.takes_manual_path(c.edit) for c in (plain, biased, window)] == [False, True, False]
+    estimate = planner.Estimate(
+        model="tiny", device="cpu", dtype="float32", conditions=3, samples=1,
+        steps=[planner.Step("baseline", 1, seconds=5.0), planner.Step("3 conditions", 1, seconds=30.0)],
+        load_seconds=0.0, base_bytes=0, weights_bytes=0, load_peak_bytes=0, watch=planner.Stopwatch(torch.device("cpu")),
+        eval_samples=[Sample("s", [5] * 48, "", [], (0, 1), 1, (0, 1))])
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with mlflow.start_run() as run:
+        assert planner.reprice_conditions(estimate, llama.model, [plain, window]) == 1.0  # nothing biased: nothing timed
+        assert estimate.steps[1].seconds == 30.0
+        factor = planner.reprice_conditions(estimate, llama.model, [plain, biased, window])
+    # one of three conditions biased: its third of the step scaled by the factor measured
+    assert factor >= 1.0 and estimate.steps[1].seconds == pytest.approx(30.0 + 10.0 * (factor - 1))
+    assert estimate.steps[0].seconds == 5.0
+    params = mlflow.get_run(run.info.run_id).data.params
+    assert float(params["estimate.bias_edit_factor"]) == pytest.approx(factor, abs=1e-3)
+    assert float(params["estimate.repriced_seconds"]) == pytest.approx(estimate.seconds, abs=0.1)

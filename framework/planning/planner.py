@@ -63,8 +63,9 @@ import numpy as np
 import torch
 from scipy.optimize import nnls
 
-from framework.interfaces import ConfigError, Detector, Sample, Task
+from framework.interfaces import Condition, ConfigError, Detector, Sample, Task
 from framework.model import masks
+from framework.model.attention import AttentionEdit, HeadEdit, StreamingWindow, instrumented
 from framework.model.generation import length_batches
 from framework.model.loading import (
     cache_root,
@@ -858,6 +859,52 @@ def rescale(estimate: Estimate, model: Any) -> float:
              "calibration)%s", now, ratio, load["load_average"], load["cores"], load["threads"], estimate.calibration_load,
              f": estimate scaled from {_duration(before)} to {_duration(estimate.seconds)}" if factor != 1.0
              else ": estimate kept" + ("" if abs(ratio - 1) <= MACHINE_FACTOR_DEADBAND else ", the load average does not agree"))
+    return factor
+
+
+REPRICE_LENGTH = 1024  # the longest pass timed to price a biased edit (a few seconds at most)
+
+
+def takes_manual_path(edit: AttentionEdit) -> bool:
+    """Whether an edit's passes take the chunked manual path: a logit bias from any part other
+    than a lone streaming window (which has an SDPA path of its own)."""
+    biasing = [part for part in edit.compiled() if type(part).bias is not HeadEdit.bias]
+    return bool(biasing) and not (len(biasing) == 1 and isinstance(biasing[0], StreamingWindow))
+
+
+def _pass_seconds(model: Any, device: torch.device, length: int, edit: AttentionEdit | None) -> float:
+    """The faster of two prefills of ``length`` tokens with ``edit``."""
+    vocab = model.config.get_text_config().vocab_size
+    ids = (torch.arange(length, device=device) * 7 + 3).remainder(vocab)[None]
+    times = []
+    with torch.inference_mode(), instrumented(model, edit):
+        for _ in range(2):
+            started = time.perf_counter()
+            model(input_ids=ids, logits_to_keep=1)
+            times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def reprice_conditions(estimate: Estimate, model: Any, conditions: list[Condition]) -> float:
+    """Price the conditions whose edits bias attention logits (the chunked manual path, several
+    times a plain pass's cost) once they are built: one plain and one biased prefill at the run's
+    evaluation length (at most ``REPRICE_LENGTH``) give the factor applied to those conditions'
+    share of the estimate. Logged as ``estimate.bias_edit_factor`` and ``estimate.repriced_seconds``;
+    1 (and nothing timed) when no edit biases."""
+    manual = [c for c in conditions if takes_manual_path(c.edit)]
+    step = next((s for s in estimate.steps if s.name.endswith(" conditions")), None)
+    if not manual or step is None or not conditions:
+        return 1.0
+    length = min(REPRICE_LENGTH, max(len(s.input_ids) for s in estimate.eval_samples))
+    device = estimate.watch.device
+    plain = _pass_seconds(model, device, length, None)
+    factor = max(1.0, _pass_seconds(model, device, length, manual[0].edit) / plain)
+    before = estimate.seconds
+    step.seconds += step.seconds / len(conditions) * len(manual) * (factor - 1)
+    mlflow.log_params({"estimate.bias_edit_factor": round(factor, 3), "estimate.repriced_seconds": round(estimate.seconds, 1)})
+    log.info("%d of %d conditions bias attention logits (the chunked manual path): a %d-token pass takes x%.2f a plain "
+             "one here; estimate repriced from %s to %s", len(manual), len(conditions), length, factor,
+             _duration(before), _duration(estimate.seconds))
     return factor
 
 

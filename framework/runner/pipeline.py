@@ -258,6 +258,7 @@ def run(
                 context.conditions.extend(plan.conditions(model, context.head_scores, config["control_seed"],
                                                           context.detector_scores))
                 mlflow.log_dict({c.label: c.describe() for c in context.conditions}, "intervention/edits.json")
+                planner.reprice_conditions(estimate, model.model, context.conditions)  # biased edits cost more
                 for condition in context.conditions:
                     steps.start(condition.label, f"{condition.intervention} on {len(condition.edit.heads)} heads, "
                                 f"{len(samples)} samples")
