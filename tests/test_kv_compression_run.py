@@ -74,7 +74,7 @@ def test_compression_run_logs_fractions_budget_and_figure(tmp_path, monkeypatch,
     assert fractions["all_streaming"] == pytest.approx((SINK + RECENT) / longest)  # StreamingLLM: no KV head full
     assert "kv_budget.png" in [a.path for a in MlflowClient(f"sqlite:///{tmp_path / 'mlruns' / 'mlflow.db'}")
                                .list_artifacts(context.run_id)]
-    assert {"kv_budget/attn_mass: treatment/auc", "kv_budget/control/smallest_fraction",
+    assert {"kv_budget/attn_mass: treatment/auc", "kv_budget/attn_mass: control/smallest_fraction",
             "kv_budget/qnorm: treatment/auc", "kv_budget/qnorm: control/smallest_fraction"} <= set(metrics)
     assert any(key.endswith("treatment.qnorm.heads_9_vs_control.qnorm.heads_9/p_holm") for key in metrics)
     assert any(key.endswith("treatment.heads_9_vs_control.heads_9/p_holm") for key in metrics)

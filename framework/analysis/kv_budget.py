@@ -27,14 +27,15 @@ FRACTION = "kv/fraction_kept/"
 WITHIN = 0.95
 
 
-def _line(label: str, role: str, detector: str | None, name: str) -> str:
+def _line(label: str, role: str, detector: str | None, name: str, several: bool) -> str:
     """Which curve a condition belongs to: a detector's treatment doses share one line
-    (``<detector>: treatment``), its matched controls another (``control``, or
-    ``<key>: control`` for an extra detector's, ``per_detector``); named conditions are their own."""
+    (``<detector>: treatment``), its matched controls another (``control``; with ``several``
+    detectors in the run, ``per_detector``, each ``<detector>: control``); named conditions are
+    their own."""
     if role == "treatment":
         return f"{detector or name}: treatment" if detector or name else "treatment"
     if role == "control":
-        return f"{detector}: control" if detector else "control"
+        return f"{detector or name}: control" if several and (detector or name) else "control"
     return label
 
 
@@ -43,12 +44,13 @@ def curve(table: pd.DataFrame, fractions: dict[str, float], name: str = "") -> p
     (normal approximation, 1.96 standard errors of the mean), samples. ``name``: the main
     detector, which names its treatment line; extra detectors' lines carry their keys."""
     rows = []
+    several = "detector" in table and bool(table["detector"].map(lambda key: isinstance(key, str)).any())
     for label, fraction in fractions.items():
         outcomes = table.loc[table["condition"] == label]
         if outcomes.empty:
             continue
         detector = outcomes["detector"].iloc[0] if "detector" in outcomes else None
-        line = _line(label, outcomes["role"].iloc[0], detector if isinstance(detector, str) else None, name)
+        line = _line(label, outcomes["role"].iloc[0], detector if isinstance(detector, str) else None, name, several)
         correct = outcomes["correct"].to_numpy(dtype=float)
         half = 1.96 * correct.std(ddof=1) / np.sqrt(len(correct)) if len(correct) > 1 else 0.0
         rows.append({"line": line, "condition": label, "fraction": float(fraction), "recall": float(correct.mean()),
