@@ -100,7 +100,7 @@ _GIB = 2**30
 
 
 # --- measuring ------------------------------------------------------------------------------
-def _trim() -> None:
+def release_memory() -> None:
     """Give freed memory back to the system, so that RSS tracks live memory (glibc only)."""
     gc.collect()
     try:
@@ -118,7 +118,7 @@ class Stopwatch:
 
 
 def start_measuring(device: torch.device) -> Stopwatch:
-    _trim()
+    release_memory()
     reset_peak(device)
     return Stopwatch(device)
 
@@ -315,7 +315,7 @@ def _calibration_path(spec: Mapping[str, Any], device: torch.device, dtype: torc
 def _time_generation(model: Any, ids: torch.Tensor, mask: torch.Tensor, device: torch.device) -> tuple[float, float, int]:
     """One prefill and a few decode steps as generation runs them: prefill seconds, the median
     decode step's seconds and the peak memory growth over both."""
-    _trim()
+    release_memory()
     base = memory_now(device)
     reset_peak(device)
     started = time.perf_counter()
@@ -424,7 +424,7 @@ def calibrate(spec: Mapping[str, Any], longest: int = 0, limit: int = 0) -> Cali
                 "cached in %s", spec["name"], device.type, dtype, torch.get_num_threads(), len(todo),
                 max(n for _, n in shapes), f" ({len(resumed)} kept from an interrupted calibration)" if resumed else "", path)
     prepare_source(spec)  # a first dequantisation is not what later loads cost
-    _trim()
+    release_memory()
     before = memory_now(device)
     reset_peak(device)
     started = time.perf_counter()
@@ -434,7 +434,7 @@ def calibrate(spec: Mapping[str, Any], longest: int = 0, limit: int = 0) -> Cali
     vocab = model.model.config.get_text_config().vocab_size
     with torch.inference_mode():
         model.model(input_ids=torch.tensor([[vocab // 3] * 64], device=device), logits_to_keep=1)  # warm-up, not measured
-    _trim()
+    release_memory()
     weights = memory_now(device) - before  # resident once used (a cached copy is mapped lazily)
     measured = list(resumed)
 
@@ -444,7 +444,7 @@ def calibrate(spec: Mapping[str, Any], longest: int = 0, limit: int = 0) -> Cali
 
     _measure_points(model.model, todo, _sliding(model.model.config), device, keep)
     del model
-    _trim()
+    release_memory()
     redone = {_shape(p) for p in measured}
     points = [p for p in (cached.points if cached else []) if _shape(p) not in redone] + measured
     calibration = cached or Calibration(

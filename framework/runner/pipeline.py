@@ -149,6 +149,7 @@ class _Steps:
 
     def start(self, name: str, detail: str) -> None:
         self.done += 1
+        planner.release_memory()  # what the last step freed goes back, so a long run's RSS stays what it holds
         cost.step(name)
         log.info("step %d/%d: %s (%s)", self.done, self.total, name, detail)
 
