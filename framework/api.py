@@ -42,6 +42,7 @@ from framework.model.attention import (
 )
 from framework.model.heads import check_selection, layer_groups_by_type, random_heads_matched_per_layer, select_heads
 from framework.model.loading import load_model, prepare
+from framework.model.masks import RuleMask
 from framework.model.query_dims import QueryDimIntervention
 from framework.model.rope import (
     check_dim_count,
@@ -79,7 +80,7 @@ __all__ = [
     "RunContext", "Condition", "ConfigError", "SCORE_KINDS",
     # reading and editing attention
     "Head", "AttentionEdit", "HeadEdit", "HeadMasking", "QueryScaling", "per_head", "MASK_MODES", "PHASES",
-    "AttentionPass", "StreamingWindow", "RowCapture", "AttentionInputs", "instrumented", "attention_rows", "key_bias", "mean_head_outputs",
+    "AttentionPass", "StreamingWindow", "RuleMask", "RowCapture", "AttentionInputs", "instrumented", "attention_rows", "key_bias", "mean_head_outputs",
     "QueryDimIntervention",
     # RoPE dimensions
     "layer_inv_freq", "lowest_frequency_dims", "highest_frequency_dims", "random_pair_dims", "first_raw_dims",

@@ -51,6 +51,7 @@ class RuleMask:
 
     @property
     def shape(self) -> torch.Size:
+        """[batch, 1, q_len, k_len], as the dense mask's."""
         return torch.Size((self.batch, 1, self.q_length, self.k_length))
 
     def block(self, rows: torch.Tensor, low: int = 0, high: int | None = None) -> torch.Tensor:
